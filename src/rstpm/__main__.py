@@ -1,0 +1,5 @@
+import sys
+
+from rstpm.cli import main
+
+sys.exit(main())

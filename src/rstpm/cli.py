@@ -1,0 +1,176 @@
+"""The `rstpm` command line: fit, test, demo.
+
+Every user error (bad data, missing weights, damaged run) ends in ONE line on stderr that names
+the file and what to do, and exit code 2; nothing already written is destroyed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from rstpm import __version__
+from rstpm.attention import PLACEMENTS
+from rstpm.config import PRESETS, Config
+
+VARIANT_CHOICES = ("stpm", "st")
+
+
+def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="lite")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.4)
+    parser.add_argument("--attention", choices=PLACEMENTS, default="pair2")
+    parser.add_argument(
+        "--teacher-weights",
+        nargs=2,
+        metavar=("T1", "T2"),
+        help="local weight files of teacher 1 and 2 ('-' keeps the preset's source)",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="recompute teacher features every step (slow)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rstpm",
+        description="Reconstructed student-teacher anomaly detection (arXiv 2210.07548).",
+    )
+    parser.add_argument("--version", action="version", version=f"rstpm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train on the normal images of a dataset")
+    fit.add_argument("--data", type=Path, required=True, help="MVTec category or image folder")
+    fit.add_argument("--out", type=Path, required=True, help="run directory to create")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    fit.add_argument("--quiet", action="store_true")
+    _add_fit_arguments(fit)
+
+    test = sub.add_parser("test", help="anomaly maps and metrics on a test set")
+    test.add_argument("--run", type=Path, required=True)
+    test.add_argument("--data", type=Path, required=True, help="MVTec category or test folder")
+    test.add_argument("--variant", choices=VARIANT_CHOICES, default="st")
+    test.add_argument("--masks", type=Path, help="mask folder for the generic folder layout")
+    test.add_argument("--out", type=Path, help="output folder (default RUN/test)")
+    test.add_argument("--batch-size", type=int, default=16)
+    test.add_argument("--quiet", action="store_true")
+    test.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+
+    demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
+    demo.add_argument("--out", type=Path, help="folder for the data and the run (default: temp)")
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    weights = (None, None)
+    if args.teacher_weights:
+        weights = tuple(None if w == "-" else w for w in args.teacher_weights)
+    return Config(
+        preset=args.preset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        seed=args.seed,
+        lr=args.lr,
+        attention=args.attention,
+        teacher_weights=weights,
+        cache_teacher_features=not args.no_cache,
+    )
+
+
+def _print_metrics(result: dict) -> None:
+    def fmt(value: float | None) -> str:
+        return "  n/a" if value is None else f"{value:.3f}"
+
+    print(f"variant {result['variant']}: {result['n_images']} test images")
+    print(f"{'set':<20} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>6}")
+    rows = [("overall", result["overall"]), *result["per_defect_type"].items()]
+    for name, m in rows:
+        print(
+            f"{name:<20} {fmt(m['image_auroc']):>11} {fmt(m['pixel_auroc']):>11} {fmt(m['pro']):>6}"
+        )
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from rstpm.runs import RunError, is_run
+    from rstpm.train import fit
+
+    if is_run(args.out) and not args.overwrite:
+        raise RunError(f"{args.out} already holds a run; choose another --out or pass --overwrite")
+    info = fit(_config_from_args(args), args.data, args.out, progress=not args.quiet)
+    print(
+        f"run written to {args.out} (best epoch {info['best_epoch']}, "
+        f"{info['mean_epoch_train_seconds']:.1f} s per epoch)"
+    )
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    from rstpm.evaluate import test
+
+    result = test(
+        args.run,
+        args.data,
+        variant=args.variant,
+        out_dir=args.out,
+        mask_root=args.masks,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_metrics(result)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from rstpm.evaluate import test
+    from rstpm.synthetic import make_synthetic_category
+    from rstpm.train import fit
+
+    root = args.out or Path(tempfile.mkdtemp(prefix="rstpm-demo-"))
+    data = make_synthetic_category(root / "data", n_train=60, size=128, seed=0)
+    print(f"synthetic dataset written to {data}")
+    config = Config(preset="lite", image_size=128, epochs=args.epochs, batch_size=16, seed=0)
+    fit(config, data, root / "run", progress=not args.quiet)
+    for variant in VARIANT_CHOICES:
+        result = test(
+            root / "run",
+            data,
+            variant,
+            out_dir=root / "run" / f"test_{variant}",
+            progress=not args.quiet,
+        )
+        _print_metrics(result)
+    print(f"run, maps and metrics in {root / 'run'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rstpm.backbones import WeightsError
+    from rstpm.data import DataError
+    from rstpm.runs import RunError
+    from rstpm.train import TrainingError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"fit": cmd_fit, "test": cmd_test, "demo": cmd_demo}
+    try:
+        handlers[args.command](args)
+    except (DataError, WeightsError, RunError, TrainingError, ValueError) as error:
+        print(f"rstpm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rstpm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

