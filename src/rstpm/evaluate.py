@@ -54,7 +54,9 @@ def test(
     samples = list_test_samples(Path(data_root), mask_root)
     sizes = [image_size(s.path) for s in samples]  # (W, H)
     masks = [
-        load_mask(s.mask_path, expected_size=size) if s.mask_path is not None else None
+        load_mask(s.mask_path, expected_size=size, image_path=s.path)
+        if s.mask_path is not None
+        else None
         for s, size in zip(samples, sizes, strict=True)
     ]
     loader = make_loader(ImageDataset(samples, config.image_size), batch_size, shuffle=False)

@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rstpm.synthetic import make_synthetic_category
+
+SYNTHETIC_KWARGS = {
+    "n_train": 20,
+    "n_test_good": 4,
+    "n_test_per_type": 4,
+    "size": 64,
+    "seed": 0,
+}
+"""Arguments of the shared synthetic category (defect types: the defaults, scratch and stain)."""
+
+
+@pytest.fixture(scope="session")
+def synthetic_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic MVTec-layout category (20 train, 4 good + 2x4 defective test, 64 px).
+
+    Shared by the whole session: treat it as read-only.
+    """
+    root = tmp_path_factory.mktemp("synthetic") / "category"
+    return make_synthetic_category(root, **SYNTHETIC_KWARGS)
