@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -15,6 +16,7 @@ from rstpm.data import list_test_samples, load_mask
 from rstpm.metrics import aupro
 
 FIT_ARGS = ["--epochs", "2", "--batch-size", "8", "--image-size", "64", "--seed", "0", "--quiet"]
+FIT_ARGS += ["--disc-epochs", "2", "--disc-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +36,19 @@ def test_fit_writes_a_complete_run(trained_run: Path) -> None:
     assert len(info["teachers"]["teacher1"]["file_sha256"]) == 64
     assert 1 <= info["best_epoch"] <= 2
     log = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2]
-    assert all(np.isfinite(r["loss"]) and np.isfinite(r["val_score"]) for r in log)
+    assert [(r["stage"], r["epoch"]) for r in log] == [
+        ("students", 1),
+        ("students", 2),
+        ("discriminative", 1),
+        ("discriminative", 2),
+    ]
+    assert 1 <= info["disc_best_epoch"] <= 2
+    assert all(np.isfinite(r["loss"]) for r in log)
     # the test split was never read: validation images are training images
     assert all("/train/" in p for p in info["val_images"])
 
 
-@pytest.mark.parametrize("variant", ["stpm", "st"])
+@pytest.mark.parametrize("variant", ["stpm", "st", "disc", "full"])
 def test_metrics_agree_with_an_independent_evaluation_of_the_tiffs(
     trained_run: Path, synthetic_category: Path, variant: str, capsys
 ) -> None:
@@ -119,3 +127,81 @@ def test_an_empty_training_folder_is_a_clear_error(tmp_path: Path, capsys) -> No
     code = main(["fit", "--data", str(empty), "--out", str(tmp_path / "r"), "--quiet"])
     assert code == 2
     assert str(empty) in capsys.readouterr().err
+
+
+def test_default_variant_is_full_when_the_run_has_a_discriminative_net(
+    trained_run: Path, synthetic_category: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "default"
+    args = ["test", "--run", str(trained_run), "--data", str(synthetic_category)]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["variant"] == "full"
+
+
+def test_students_can_be_reused_and_give_the_same_run(
+    trained_run: Path, synthetic_category: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    reused = tmp_path / "reused"
+    args = ["fit", "--data", str(synthetic_category), "--out", str(reused), *FIT_ARGS]
+    assert main([*args, "--students-from", str(trained_run)]) == 0
+    a = load_file(str(trained_run / "weights.safetensors"))
+    b = load_file(str(reused / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(k.startswith("discriminator.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    info = json.loads((reused / "run.json").read_text())
+    assert info["students_from"] == str(trained_run.resolve())
+
+
+def test_students_of_other_settings_are_not_reused(
+    trained_run: Path, synthetic_category: Path, tmp_path: Path, capsys
+) -> None:
+    args = ["fit", "--data", str(synthetic_category), "--out", str(tmp_path / "r"), *FIT_ARGS]
+    assert main([*args, "--attention", "none", "--students-from", str(trained_run)]) == 2
+    assert "attention" in capsys.readouterr().err
+
+
+def test_variants_need_a_discriminative_net(
+    synthetic_category: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "nodisc"
+    args = [*FIT_ARGS[:-4], "--epochs", "1", "--disc-epochs", "0"]
+    assert main(["fit", "--data", str(synthetic_category), "--out", str(run), *args]) == 0
+    test_args = ["test", "--run", str(run), "--data", str(synthetic_category), "--quiet"]
+    assert main([*test_args, "--variant", "full"]) == 2
+    assert "discriminative network" in capsys.readouterr().err
+    assert main([*test_args, "--out", str(tmp_path / "t")]) == 0  # default: st
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["variant"] == "st"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--attention", "none"],
+        ["--attention", "both"],
+        ["--teacher2", "small"],
+        ["--disc-resolution", "full"],
+        ["--disc-pool-refresh", "2", "--anomaly-source", "TEXTURES"],
+    ],
+)
+def test_every_ablation_flag_builds_and_trains(
+    flags: list[str], synthetic_category: Path, tmp_path: Path
+) -> None:
+    flags = [str(synthetic_category / "train" / "good") if f == "TEXTURES" else f for f in flags]
+    run = tmp_path / "run"
+    schedule = ["--epochs", "1", "--batch-size", "8", "--image-size", "64", "--quiet"]
+    schedule += ["--disc-epochs", "2", "--disc-batch-size", "8"]
+    args = ["fit", "--data", str(synthetic_category), "--out", str(run), *schedule, *flags]
+    assert main(args) == 0
+    config = json.loads((run / "config.json").read_text())
+    if "--teacher2" in flags:
+        assert config["teacher2"] == config["teacher1"] == "tf_efficientnet_lite0"
+    if "--attention" in flags:
+        assert config["attention"] == flags[1]
+    out = tmp_path / "test"
+    args = ["test", "--run", str(run), "--data", str(synthetic_category), "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["overall"]["image_auroc"] is not None

@@ -9,7 +9,14 @@ import torch
 
 from rstpm.backbones import RANDOM, WeightsError, build_pyramid, convert_by_order
 from rstpm.config import Config
-from rstpm.fusion import fuse, fuse_st, fuse_stpm, gaussian_blur, per_resolution_sums
+from rstpm.fusion import (
+    fuse,
+    fuse_full,
+    fuse_st,
+    fuse_stpm,
+    gaussian_blur,
+    per_resolution_sums,
+)
 from rstpm.losses import distance_map, student_teacher_loss
 from rstpm.model import RSTPM
 
@@ -44,6 +51,8 @@ def test_every_student_parameter_gets_a_gradient_and_no_teacher_does(attention: 
     for name, parameter in model.named_parameters():
         if name.startswith(("teacher1.", "teacher2.")):
             assert not parameter.requires_grad and parameter.grad is None, name
+        elif name.startswith("discriminator."):  # stage 2: not touched by the students' loss
+            assert parameter.grad is None, name
         else:
             assert parameter.grad is not None, f"{name} got no gradient"
             assert parameter.grad.abs().sum() > 0, f"{name} got a zero gradient"
@@ -186,3 +195,45 @@ def test_convert_by_order_asserts_every_shape() -> None:
         convert_by_order(source, {"x": torch.ones(3, 2), "y": torch.ones(4)}, "t")
     with pytest.raises(WeightsError, match="tensors in the file"):
         convert_by_order(source, {"x": torch.ones(2, 3)}, "t")
+
+
+def test_eq7_multiplies_omega7_into_eq5() -> None:
+    omegas = hand_made_maps()
+    omega7 = torch.zeros(1, 4, 4)  # at a quarter of the 16x16 image, as the U-Net outputs it
+    omega7[0, 1:3, 1:3] = 0.5
+    full = fuse_full(omegas, omega7, (16, 16))
+    expected = 7.0 * 7.0 * 7.0 * torch.nn.functional.interpolate(
+        omega7[None], size=(16, 16), mode="bilinear", align_corners=False
+    )[0]
+    assert torch.allclose(full, expected)
+    assert torch.allclose(fuse("disc", omegas, (16, 16), omega7), expected / 343.0)
+    assert full[0, 0, 0] == 0 and full[0, 8, 8] == pytest.approx(343 * 0.5)
+    with pytest.raises(ValueError, match="needs Omega"):
+        fuse("full", omegas, (16, 16))
+
+
+@pytest.mark.parametrize("resolution", ["quarter", "full"])
+def test_discriminative_stage_shapes_and_frozen_students(resolution: str) -> None:
+    torch.manual_seed(0)
+    config = Config(
+        preset="lite", image_size=64, disc_resolution=resolution, teacher_weights=RANDOM_TEACHERS
+    )
+    model, _ = RSTPM.from_config(config)
+    model.eval()
+    image = torch.rand(2, 3, 64, 64)
+    stage = model.discriminator
+    with torch.no_grad():
+        raw = stage.raw_inputs(model(image))
+    side = 16 if resolution == "quarter" else 64
+    assert raw.shape == (2, 3, side, side)
+    stage.normalizer.fit(raw)
+    stage.train()
+    logits = stage(raw)
+    assert logits.shape == (2, 2, side, side)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in stage.unet.parameters())
+    assert all(p.grad is None for m in model.students() for p in m.parameters())
+    model.eval()
+    assert model.anomaly_map(image, "full").shape == (2, 64, 64)
+    omega7 = model.anomaly_map(image, "disc")
+    assert torch.all((omega7 >= 0) & (omega7 <= 1))

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from rstpm import __version__
 from rstpm.attention import PLACEMENTS
-from rstpm.config import PRESETS, Config
-
-VARIANT_CHOICES = ("stpm", "st")
+from rstpm.config import DISC_RESOLUTIONS, PRESETS, Config
+from rstpm.fusion import VARIANTS
 
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +34,30 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute teacher features every step (slow)"
+    )
+    parser.add_argument(
+        "--teacher2",
+        default="",
+        help="T2's timm architecture; 'small' = T1's (Table III's ablation)",
+    )
+    disc = parser.add_argument_group("discriminative network (stage 2)")
+    disc.add_argument("--disc-epochs", type=int, default=300, help="0: no discriminative net")
+    disc.add_argument("--disc-lr", type=float, default=1e-4)
+    disc.add_argument("--disc-batch-size", type=int, default=16)
+    disc.add_argument("--disc-resolution", choices=DISC_RESOLUTIONS, default="quarter")
+    disc.add_argument(
+        "--anomaly-source", help="folder of texture images (e.g. DTD); default: procedural"
+    )
+    disc.add_argument(
+        "--disc-pool-refresh",
+        type=int,
+        default=1,
+        help="new pseudo-anomalies every N epochs (1: every epoch, exact)",
+    )
+    disc.add_argument(
+        "--students-from",
+        type=Path,
+        help="reuse the students of a run with identical student settings (skip stage 1)",
     )
 
 
@@ -56,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="anomaly maps and metrics on a test set")
     test.add_argument("--run", type=Path, required=True)
     test.add_argument("--data", type=Path, required=True, help="MVTec category or test folder")
-    test.add_argument("--variant", choices=VARIANT_CHOICES, default="st")
+    test.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        help="default: full (Eq. 7), or st (Eq. 5) for a run without discriminative net",
+    )
     test.add_argument("--masks", type=Path, help="mask folder for the generic folder layout")
     test.add_argument("--out", type=Path, help="output folder (default RUN/test)")
     test.add_argument("--batch-size", type=int, default=16)
@@ -66,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
     demo.add_argument("--out", type=Path, help="folder for the data and the run (default: temp)")
     demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--disc-epochs", type=int, default=10)
     demo.add_argument("--quiet", action="store_true")
     return parser
 
@@ -84,6 +112,13 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         attention=args.attention,
         teacher_weights=weights,
         cache_teacher_features=not args.no_cache,
+        teacher2=args.teacher2,
+        disc_epochs=args.disc_epochs,
+        disc_lr=args.disc_lr,
+        disc_batch_size=args.disc_batch_size,
+        disc_resolution=args.disc_resolution,
+        anomaly_source=str(args.anomaly_source) if args.anomaly_source else None,
+        disc_pool_refresh=args.disc_pool_refresh,
     )
 
 
@@ -106,11 +141,25 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
     if is_run(args.out) and not args.overwrite:
         raise RunError(f"{args.out} already holds a run; choose another --out or pass --overwrite")
-    info = fit(_config_from_args(args), args.data, args.out, progress=not args.quiet)
-    print(
-        f"run written to {args.out} (best epoch {info['best_epoch']}, "
-        f"{info['mean_epoch_train_seconds']:.1f} s per epoch)"
+    info = fit(
+        _config_from_args(args),
+        args.data,
+        args.out,
+        progress=not args.quiet,
+        students_from=args.students_from,
     )
+    parts = [f"run written to {args.out}"]
+    if "best_epoch" in info:
+        parts.append(
+            f"students: best epoch {info['best_epoch']}, "
+            f"{info['mean_epoch_train_seconds']:.1f} s per epoch"
+        )
+    if "disc_best_epoch" in info:
+        seconds = info["disc_mean_epoch_synthesis_seconds"] + info["disc_mean_epoch_unet_seconds"]
+        parts.append(
+            f"discriminative net: best epoch {info['disc_best_epoch']}, {seconds:.1f} s per epoch"
+        )
+    print("; ".join(parts))
 
 
 def cmd_test(args: argparse.Namespace) -> None:
@@ -132,25 +181,28 @@ def cmd_test(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from rstpm.evaluate import test
+    from rstpm.evaluate import test_variants
     from rstpm.synthetic import make_synthetic_category
     from rstpm.train import fit
 
     root = args.out or Path(tempfile.mkdtemp(prefix="rstpm-demo-"))
     data = make_synthetic_category(root / "data", n_train=60, size=128, seed=0)
     print(f"synthetic dataset written to {data}")
-    config = Config(preset="lite", image_size=128, epochs=args.epochs, batch_size=16, seed=0)
-    fit(config, data, root / "run", progress=not args.quiet)
-    for variant in VARIANT_CHOICES:
-        result = test(
-            root / "run",
-            data,
-            variant,
-            out_dir=root / "run" / f"test_{variant}",
-            progress=not args.quiet,
-        )
+    config = Config(
+        preset="lite",
+        image_size=128,
+        epochs=args.epochs,
+        batch_size=16,
+        seed=0,
+        disc_epochs=args.disc_epochs,
+    )
+    run = root / "run"
+    fit(config, data, run, progress=not args.quiet)
+    variants = VARIANTS if args.disc_epochs > 0 else ("stpm", "st")
+    outs = [run / f"test_{v}" for v in variants]
+    for result in test_variants(run, data, variants, outs, progress=not args.quiet):
         _print_metrics(result)
-    print(f"run, maps and metrics in {root / 'run'}")
+    print(f"run, maps and metrics in {run}")
 
 
 def main(argv: list[str] | None = None) -> int:

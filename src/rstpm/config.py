@@ -15,6 +15,9 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
+DISC_RESOLUTIONS = ("quarter", "full")
+
+
 @dataclass
 class Config:
     """Every choice of a run. Defaults are the paper's schedule (method.md section 4)."""
@@ -34,6 +37,14 @@ class Config:
     seed: int = 0
     smoothing_sigma: float = 4.0  # Gaussian blur of the final map, in input pixels (0: off)
     cache_teacher_features: bool = True
+    # The discriminative stage (method.md section 3): trained after the students, both frozen.
+    disc_epochs: int = 300  # 0: no discriminative network (variants stpm and st only)
+    disc_lr: float = 1e-4  # Adam
+    disc_batch_size: int = 16
+    disc_resolution: str = "quarter"  # quarter | full: the U-Net's map size vs the input size
+    disc_base_width: int = 64  # DRAEM's widths 64..512
+    anomaly_source: str | None = None  # folder of texture images (DTD); None: procedural
+    disc_pool_refresh: int = 1  # new pseudo-anomalies every N epochs (1: every epoch, exact)
     teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
 
     def __post_init__(self) -> None:
@@ -41,6 +52,8 @@ class Config:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         default1, default2 = PRESETS[self.preset]
         self.teacher1 = self.teacher1 or default1
+        if self.teacher2 == "small":  # Table III's ablation: T2 = the smaller network (= T1)
+            self.teacher2 = self.teacher1
         self.teacher2 = self.teacher2 or default2
         self.decoder_widths = tuple(self.decoder_widths)
         self.teacher_weights = tuple(self.teacher_weights)  # type: ignore[assignment]
@@ -51,8 +64,26 @@ class Config:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.disc_resolution not in DISC_RESOLUTIONS:
+            raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
+        if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:
+            raise ValueError("--disc-epochs >= 0, --disc-batch-size and --disc-pool-refresh >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie in (0, 1)")
+
+    @property
+    def disc_map_size(self) -> tuple[int, int]:
+        side = self.image_size // 4 if self.disc_resolution == "quarter" else self.image_size
+        return (side, side)
+
+    def student_fields(self) -> dict[str, Any]:
+        """The fields that determine the trained students (a run's students can be reused by a
+        run whose student fields are equal)."""
+        names = (
+            "preset teacher1 teacher2 attention decoder_widths image_size epochs batch_size lr "
+            "momentum weight_decay val_fraction seed teacher_weights"
+        ).split()
+        return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -262,3 +262,45 @@ class InputNormalizer(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def unet_depth(size: int, max_depth: int = 6) -> int:
+    """The deepest U-Net (<= max_depth) whose bottleneck on a ``size`` map is >= 2 px wide."""
+    depth = 1
+    while depth < max_depth and size % 2**depth == 0 and size // 2**depth >= 2:
+        depth += 1
+    return depth
+
+
+class DiscriminativeStage(nn.Module):
+    """Omega^7 from the six student-teacher maps (method.md section 3).
+
+    Input: Eq. 5's three per-resolution sums, resized bilinearly to ``map_size`` and stacked as
+    3 channels, scaled by :class:`InputNormalizer`; output: the U-Net's logits at ``map_size``.
+    ``map_size`` is the input size (``--disc-resolution full``) or a quarter of it (``quarter``):
+    the sums carry no detail finer than stride 4, so the quarter-resolution U-Net sees the same
+    information for 1/16 of the cost. Omega^7 is resized bilinearly to the image size for Eq. 7.
+    """
+
+    def __init__(self, map_size: tuple[int, int], base_width: int = 64) -> None:
+        super().__init__()
+        self.map_size = (int(map_size[0]), int(map_size[1]))
+        self.normalizer = InputNormalizer(3)
+        self.unet = DiscriminativeUNet(3, base_width, depth=unet_depth(min(self.map_size)))
+
+    def raw_inputs(self, omegas: list[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, h, w): [Omega^1 + Omega^6, Omega^2 + Omega^5, Omega^3 + Omega^4] at map_size."""
+        from rstpm.fusion import per_resolution_sums
+
+        return torch.stack(per_resolution_sums(omegas, self.map_size), dim=1)
+
+    def forward(self, raw_inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2, h, w) of normal / anomalous."""
+        return self.unet(self.normalizer(raw_inputs))
+
+    def omega7(self, omegas: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Omega^7: the (B, H, W) anomaly probability at the image size ``size``."""
+        from rstpm.fusion import resize_map
+
+        probability = DiscriminativeUNet.probability(self(self.raw_inputs(omegas)))
+        return resize_map(probability, size)

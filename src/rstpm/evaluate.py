@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rstpm.data import ImageDataset, image_size, list_test_samples, load_mask, make_loader
-from rstpm.fusion import resize_map
+from rstpm.config import Config
+from rstpm.data import (
+    ImageDataset,
+    Sample,
+    image_size,
+    list_test_samples,
+    load_mask,
+    make_loader,
+)
+from rstpm.fusion import NEEDS_OMEGA7, VARIANTS, fuse, gaussian_blur, resize_map
 from rstpm.metrics import evaluate
+from rstpm.model import RSTPM
 from rstpm.runs import atomic_write_bytes, atomic_write_json, load_run
 
 
@@ -38,19 +48,62 @@ def read_tiff(path: Path) -> np.ndarray:
         return np.asarray(image, dtype=np.float32)
 
 
-def test(
+def default_variant(model: RSTPM) -> str:
+    """full (Eq. 7) when the run has a discriminative network, else st (Eq. 5)."""
+    return "full" if model.discriminator is not None else "st"
+
+
+@torch.inference_mode()
+def predict_maps(
+    model: RSTPM,
+    samples: Sequence[Sample],
+    sizes: Sequence[tuple[int, int]],
+    variants: Sequence[str],
+    config: Config,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, list[np.ndarray]]:
+    """Maps of every variant for every sample at its own (W, H) size, from ONE forward pass."""
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        if variant in NEEDS_OMEGA7 and model.discriminator is None:
+            raise ValueError(
+                f"variant {variant!r} needs the discriminative network, which this run has not "
+                "trained (--disc-epochs 0); use --variant st or stpm"
+            )
+    loader = make_loader(ImageDataset(samples, config.image_size), batch_size, shuffle=False)
+    maps: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    with tqdm(total=len(samples), desc="test", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            size = tuple(batch.image.shape[-2:])
+            omegas = model(batch.image)
+            omega7 = None
+            if any(v in NEEDS_OMEGA7 for v in variants):
+                omega7 = model.discriminator.omega7(omegas, size)
+            for variant in variants:
+                fused = gaussian_blur(fuse(variant, omegas, size, omega7), config.smoothing_sigma)
+                for i, index in enumerate(batch.index.tolist()):
+                    width, height = sizes[index]
+                    maps[variant].append(resize_map(fused[i : i + 1], (height, width))[0].numpy())
+            bar.update(len(batch.index))
+    return maps
+
+
+def test_variants(
     run_dir: Path,
     data_root: Path,
-    variant: str = "st",
-    out_dir: Path | None = None,
+    variants: Sequence[str | None],
+    out_dirs: Sequence[Path],
     mask_root: Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a trained run on the test split of ``data_root``; writes maps and metrics.json."""
+) -> list[dict[str, Any]]:
+    """Evaluate a run on the test split of ``data_root`` for several variants at once; for each,
+    writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff`` and ``<out>/metrics.json``."""
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "test"
     model, config, _ = load_run(run_dir)
+    variants = [v or default_variant(model) for v in variants]
     samples = list_test_samples(Path(data_root), mask_root)
     sizes = [image_size(s.path) for s in samples]  # (W, H)
     masks = [
@@ -59,31 +112,40 @@ def test(
         else None
         for s, size in zip(samples, sizes, strict=True)
     ]
-    loader = make_loader(ImageDataset(samples, config.image_size), batch_size, shuffle=False)
-    maps: list[np.ndarray] = []
     started = time.perf_counter()
-    with tqdm(total=len(samples), desc=f"test {variant}", unit="img", disable=not progress) as bar:
-        for batch in loader:
-            fused = model.anomaly_map(batch.image, variant, config.smoothing_sigma)
-            for i, index in enumerate(batch.index.tolist()):
-                width, height = sizes[index]
-                full = resize_map(fused[i : i + 1], (height, width))[0].numpy()
-                sample = samples[index]
-                write_tiff(
-                    out_dir / "anomaly_maps" / sample.defect_type / f"{sample.path.stem}.tiff", full
-                )
-                maps.append(full)
-            bar.update(len(batch.index))
+    maps = predict_maps(model, samples, sizes, variants, config, batch_size, progress)
     seconds = time.perf_counter() - started
-    metrics = evaluate(maps, masks, [s.defect_type for s in samples])
-    result = {
-        "variant": variant,
-        "run": str(run_dir.resolve()),
-        "data": str(Path(data_root).resolve()),
-        "n_images": len(samples),
-        "inference_seconds": round(seconds, 3),
-        "torch_threads": torch.get_num_threads(),
-        **metrics,
-    }
-    atomic_write_json(out_dir / "metrics.json", result)
-    return result
+    results = []
+    for variant, out_dir in zip(variants, out_dirs, strict=True):
+        out_dir = Path(out_dir)
+        for sample, amap in zip(samples, maps[variant], strict=True):
+            name = f"{sample.path.stem}.tiff"
+            write_tiff(out_dir / "anomaly_maps" / sample.defect_type / name, amap)
+        metrics = evaluate(maps[variant], masks, [s.defect_type for s in samples])
+        result = {
+            "variant": variant,
+            "run": str(run_dir.resolve()),
+            "data": str(Path(data_root).resolve()),
+            "n_images": len(samples),
+            "inference_seconds": round(seconds, 3),
+            "torch_threads": torch.get_num_threads(),
+            **metrics,
+        }
+        atomic_write_json(out_dir / "metrics.json", result)
+        results.append(result)
+    return results
+
+
+def test(
+    run_dir: Path,
+    data_root: Path,
+    variant: str | None = None,
+    out_dir: Path | None = None,
+    mask_root: Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate one variant (default: full, or st without discriminative network); writes maps
+    and metrics.json to ``out_dir`` (default ``RUN_DIR/test``)."""
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "test"
+    return test_variants(run_dir, data_root, [variant], [out], mask_root, batch_size, progress)[0]

@@ -1,11 +1,15 @@
-"""Fusion of the per-location anomaly maps into one map (Eq. 5; Eq. 7 adds Omega^7).
+"""Fusion of the per-location anomaly maps into one map (Eq. 5 and Eq. 7).
 
 Omega^1..Omega^3 come from pair 1 (strides 4, 8, 16), Omega^4..Omega^6 from pair 2 (strides 16, 8,
 4). All maps are resized bilinearly to a common size; same-resolution maps are ADDED, different
 resolutions MULTIPLIED:
 
     Eq. 5:  Omega = (Omega^1 + Omega^6) * (Omega^2 + Omega^5) * (Omega^3 + Omega^4)
+    Eq. 7:  Omega = (Omega^1 + Omega^6) * (Omega^2 + Omega^5) * (Omega^3 + Omega^4) * Omega^7
     STPM:   Omega = Omega^1 * Omega^2 * Omega^3                 (pair 1 alone, Wang et al.)
+    disc:   Omega = Omega^7                                      (discriminative network alone)
+
+Omega^7, the discriminative network's output, comes from discriminative.DiscriminativeStage.
 """
 
 from __future__ import annotations
@@ -16,16 +20,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("stpm", "st")
+VARIANTS = ("stpm", "st", "disc", "full")
+NEEDS_OMEGA7 = ("disc", "full")
 
 
 def resize_map(omega: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of a (B, H, W) map to ``size`` (H, W)."""
     if tuple(omega.shape[-2:]) == tuple(size):
         return omega
-    return F.interpolate(omega.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
+    return F.interpolate(omega.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def per_resolution_sums(
@@ -50,13 +53,31 @@ def fuse_stpm(omegas: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Te
     return first * second * third
 
 
-def fuse(variant: str, omegas: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """The map of a named variant (see VARIANTS)."""
+def fuse_full(
+    omegas: Sequence[torch.Tensor], omega7: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Eq. 7: Eq. 5's product times Omega^7 (the discriminative network's probability)."""
+    return fuse_st(omegas, size) * resize_map(omega7, size)
+
+
+def fuse(
+    variant: str,
+    omegas: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    omega7: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The map of a named variant (see VARIANTS); ``disc`` and ``full`` need ``omega7``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant in NEEDS_OMEGA7 and omega7 is None:
+        raise ValueError(f"variant {variant!r} needs Omega^7 from a trained discriminative net")
     if variant == "st":
         return fuse_st(omegas, size)
     if variant == "stpm":
         return fuse_stpm(omegas, size)
-    raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant == "disc":
+        return resize_map(omega7, size)
+    return fuse_full(omegas, omega7, size)
 
 
 def gaussian_blur(omega: torch.Tensor, sigma: float) -> torch.Tensor:

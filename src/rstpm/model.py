@@ -1,7 +1,9 @@
-"""RSTPM as a plain ``torch.nn.Module``: two frozen teachers, two students, attention.
+"""RSTPM as a plain ``torch.nn.Module``: two frozen teachers, two students, attention, and the
+discriminative network.
 
 Pair 1 (STPM): T1 and S1 (same architecture, S1 random) at strides 4, 8, 16 -> Omega^1..Omega^3.
 Pair 2: S2 (decoder.py) reconstructs T2's strides 16, 8, 4 from T1's stride 32 -> Omega^4..Omega^6.
+Discriminative stage (discriminative.py): Omega^7 from the per-resolution sums of Eq. 5.
 No training loop lives here (see train.py); the teachers stay frozen in eval mode.
 """
 
@@ -16,7 +18,8 @@ from rstpm.attention import TeacherAttention
 from rstpm.backbones import RANDOM, FeaturePyramid, WeightsInfo, build_pyramid, freeze
 from rstpm.config import Config
 from rstpm.decoder import ReconstructionDecoder
-from rstpm.fusion import fuse, gaussian_blur
+from rstpm.discriminative import DiscriminativeStage
+from rstpm.fusion import NEEDS_OMEGA7, fuse, gaussian_blur
 from rstpm.losses import distance_map
 
 PAIR1_STRIDES = (4, 8, 16)
@@ -51,6 +54,7 @@ class RSTPM(nn.Module):
         student1: FeaturePyramid,
         attention: str = "pair2",
         decoder_widths: tuple[int, ...] = (256, 128, 64),
+        discriminator: DiscriminativeStage | None = None,
     ) -> None:
         super().__init__()
         self.teacher1 = freeze(teacher1)
@@ -69,6 +73,7 @@ class RSTPM(nn.Module):
             else None
         )
         self.attention = attention
+        self.discriminator = discriminator
 
     @classmethod
     def from_config(
@@ -79,8 +84,19 @@ class RSTPM(nn.Module):
         teacher1, info1 = build_pyramid(config.teacher1, w1, T1_STRIDES)
         teacher2, info2 = build_pyramid(config.teacher2, w2, T2_STRIDES)
         student1, _ = build_pyramid(config.teacher1, student_weights, PAIR1_STRIDES)
-        model = cls(teacher1, teacher2, student1, config.attention, config.decoder_widths)
+        discriminator = (
+            DiscriminativeStage(config.disc_map_size, config.disc_base_width)
+            if config.disc_epochs > 0
+            else None
+        )
+        model = cls(
+            teacher1, teacher2, student1, config.attention, config.decoder_widths, discriminator
+        )
         return model, {"teacher1": info1, "teacher2": info2}
+
+    def students(self) -> list[nn.Module]:
+        """The modules trained in the first stage (students and attention)."""
+        return [m for m in (self.student1, self.student2, self.pair1_attention) if m is not None]
 
     def train(self, mode: bool = True) -> RSTPM:
         super().train(mode)
@@ -128,9 +144,17 @@ class RSTPM(nn.Module):
 
     @torch.inference_mode()
     def anomaly_map(
-        self, image: torch.Tensor, variant: str = "st", smoothing_sigma: float = 0.0
+        self, image: torch.Tensor, variant: str = "full", smoothing_sigma: float = 0.0
     ) -> torch.Tensor:
-        """The (B, H, W) anomaly map of a variant at the input's resolution."""
+        """The (B, H, W) anomaly map of a variant (fusion.VARIANTS) at the input's resolution."""
+        size = tuple(image.shape[-2:])
         omegas = self(image)
-        fused = fuse(variant, omegas, tuple(image.shape[-2:]))
-        return gaussian_blur(fused, smoothing_sigma)
+        omega7 = None
+        if variant in NEEDS_OMEGA7:
+            if self.discriminator is None:
+                raise ValueError(
+                    f"variant {variant!r} needs the discriminative network, which this run has "
+                    "not trained (--disc-epochs 0); use --variant st or stpm"
+                )
+            omega7 = self.discriminator.omega7(omegas, size)
+        return gaussian_blur(fuse(variant, omegas, size, omega7), smoothing_sigma)

@@ -109,7 +109,9 @@ def load_run(run_dir: Path):  # -> tuple[RSTPM, Config, dict]
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} does not exist")
     info = read_json(run_dir / RUN_FILE)
-    config = Config.from_dict(read_json(run_dir / CONFIG_FILE))
+    stored = read_json(run_dir / CONFIG_FILE)
+    stored.setdefault("disc_epochs", 0)  # runs from before the discriminative stage existed
+    config = Config.from_dict(stored)
     recorded = info.get("teachers", {})
     model, teachers = RSTPM.from_config(config)
     for key, weights_info in teachers.items():

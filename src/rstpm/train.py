@@ -1,4 +1,6 @@
-"""Training of the two students (method.md section 4), and checkpoint selection.
+"""Training: the two students (stage 1), then the discriminative network (stage 2).
+
+Stage 1 (method.md section 4):
 
 * The paper's schedule by default: SGD lr 0.4, momentum 0.9, weight decay 1e-4, batch 32, 100
   epochs, 256x256, both students jointly, loss Eq. 4 (the sum of the six maps' means).
@@ -7,6 +9,17 @@
   kept, as the official STPM code does. The test set is never read here.
 * There is no augmentation, so the frozen teachers' features of every training and validation
   image are computed once and cached in memory (exact, and the largest speed-up on a CPU).
+
+Stage 2 (method.md section 3), students and teachers frozen:
+* DRAEM pseudo-anomalies (synthesis.py) of the training images go through the frozen networks;
+  the U-Net learns Omega^7 from Eq. 5's per-resolution sums with the focal loss (Eq. 6), Adam
+  lr 1e-4, 300 epochs by default. Its inputs are scaled with statistics of the normal training
+  images (stored in the run). Masks are reduced to the U-Net's map size by area averaging,
+  thresholded at 0.5.
+* Checkpoint: the epoch with the lowest focal loss on a fixed set of pseudo-anomalies made from
+  the held-out normal images (never the test set).
+* ``disc_pool_refresh`` N > 1 reuses one set of pseudo-anomalies (and their frozen-network maps)
+  for N epochs: faster, not exact. 1 (default) synthesises new ones every epoch as DRAEM does.
 """
 
 from __future__ import annotations
@@ -25,9 +38,11 @@ from tqdm.auto import tqdm
 
 from rstpm.config import Config
 from rstpm.data import DataError, list_train_samples, load_all_images, split_train_val
+from rstpm.focal_loss import focal_loss
 from rstpm.fusion import fuse_st
 from rstpm.model import RSTPM, TeacherFeatures
-from rstpm.runs import LOG_FILE, save_run
+from rstpm.runs import LOG_FILE, RunError, save_run
+from rstpm.synthesis import AnomalySource, PseudoAnomalySynthesizer
 
 
 class TrainingError(RuntimeError):
@@ -71,29 +86,40 @@ def validation_score(
     return float(torch.cat(scores).mean())
 
 
-def fit(
-    config: Config,
-    data_root: Path,
-    run_dir: Path,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train a run on the normal images of ``data_root`` and write it to ``run_dir``."""
-    run_dir = Path(run_dir)
-    samples = list_train_samples(Path(data_root))
-    train_samples, val_samples = split_train_val(samples, config.val_fraction, config.seed)
-    if len(train_samples) < config.batch_size:
-        raise DataError(
-            f"{data_root}: {len(train_samples)} training images after holding out "
-            f"{len(val_samples)} for validation, fewer than --batch-size {config.batch_size}; "
-            "lower --batch-size or add images"
-        )
-    generator = seed_everything(config.seed)
-    started = time.perf_counter()
-    model, teachers = RSTPM.from_config(config)
-    train_images = load_all_images(train_samples, config.image_size, progress=progress)
-    val_images = load_all_images(val_samples, config.image_size, progress=progress)
+class EpochLogger:
+    """Per-epoch log lines: appended to train_log.jsonl and shown under the progress bar."""
 
+    def __init__(self, path: Path, bar: Any, progress: bool, log: Callable[[str], None]) -> None:
+        self.path, self.bar, self.progress, self.log = path, bar, progress, log
+
+    def __call__(self, record: dict[str, Any], line: str) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.progress:
+            self.bar.write(line)
+        else:
+            self.log(line)
+
+
+def _check_finite(loss: torch.Tensor, stage: str, epoch: int, lr: float, flag: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"{stage} loss became {loss.item()} in epoch {epoch}; lower {flag} (now {lr}) "
+            "and re-run"
+        )
+
+
+def train_students(
+    model: RSTPM,
+    config: Config,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    generator: torch.Generator,
+    logger_factory: Callable[[Any], EpochLogger],
+    progress: bool,
+) -> dict[str, Any]:
+    """Stage 1: SGD on the six-location loss (Eq. 4); keeps the epoch with the lowest mean
+    validation score. Returns the best state and timings."""
     train_cache = val_cache = None
     cache_seconds = 0.0
     if config.cache_teacher_features:
@@ -102,17 +128,15 @@ def fit(
         val_cache = compute_teacher_features(model, val_images, config.batch_size)
         cache_seconds = time.perf_counter() - t0
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = [p for m in model.students() for p in m.parameters()]
     optimizer = torch.optim.SGD(
         parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / LOG_FILE
-    log_path.write_text("")
     best: dict[str, Any] = {"epoch": 0, "val_score": math.inf, "state": None}
     epoch_seconds = []
     n = len(train_images)
-    bar = tqdm(range(1, config.epochs + 1), desc="fit", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, config.epochs + 1), desc="students", unit="epoch", disable=not progress)
+    log_epoch = logger_factory(bar)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
@@ -123,11 +147,7 @@ def fit(
             feats = train_cache.select(index) if train_cache is not None else None
             omegas = model(train_images[index], feats)
             loss = sum(omega.mean() for omega in omegas)  # Eq. 3-4
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} in epoch {epoch}; lower --lr "
-                    f"(now {config.lr}) and re-run"
-                )
+            _check_finite(loss, "student", epoch, config.lr, "--lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -138,12 +158,14 @@ def fit(
         seconds = time.perf_counter() - t0
         epoch_seconds.append(train_seconds)
         if val_score < best["val_score"]:
-            best = {
-                "epoch": epoch,
-                "val_score": val_score,
-                "state": {k: v.clone() for k, v in model.trainable_state_dict().items()},
+            state = {
+                k: v.clone()
+                for k, v in model.trainable_state_dict().items()
+                if not k.startswith("discriminator.")
             }
+            best = {"epoch": epoch, "val_score": val_score, "state": state}
         record = {
+            "stage": "students",
             "epoch": epoch,
             "loss": total / count,
             "val_score": val_score,
@@ -151,31 +173,235 @@ def fit(
             "seconds": round(seconds, 3),
             "best_epoch": best["epoch"],
         }
-        with open(log_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        line = (
-            f"epoch {epoch}/{config.epochs} loss {record['loss']:.4f} "
-            f"val {val_score:.5f} {seconds:.1f}s" + (" *" if best["epoch"] == epoch else "")
+        log_epoch(
+            record,
+            f"students {epoch}/{config.epochs} loss {record['loss']:.4f} "
+            f"val {val_score:.5f} {seconds:.1f}s" + (" *" if best["epoch"] == epoch else ""),
         )
-        if progress:
-            bar.write(line)
-        else:
-            log(line)
-
     if best["state"] is None:
         raise TrainingError("no epoch gave a finite validation score; lower --lr and re-run")
+    return {
+        "state": best["state"],
+        "best_epoch": best["epoch"],
+        "best_val_score": best["val_score"],
+        "teacher_cache_seconds": round(cache_seconds, 3),
+        "mean_epoch_train_seconds": round(float(np.mean(epoch_seconds)), 3),
+    }
+
+
+@torch.no_grad()
+def discriminator_inputs(model: RSTPM, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Raw U-Net inputs (Eq. 5's per-resolution sums at the U-Net's map size) of ``images``,
+    through the frozen teachers and students."""
+    model.eval()
+    parts = [
+        model.discriminator.raw_inputs(model(images[i : i + batch_size]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def reduce_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, H, W) {0,1} masks -> (N, h, w) {0,1}: area average >= 0.5."""
+    if tuple(masks.shape[-2:]) != tuple(size):
+        masks = torch.nn.functional.interpolate(masks, size=size, mode="area")
+    return (masks[:, 0] >= 0.5).float()
+
+
+def make_pool(
+    model: RSTPM,
+    synthesizer: PseudoAnomalySynthesizer,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-anomalies of ``images`` and their U-Net inputs and targets at the map size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the synthesis works on small tensors: one thread is faster
+    try:
+        anomalous, masks = synthesizer.batch(images, generator)
+    finally:
+        torch.set_num_threads(threads)
+    inputs = discriminator_inputs(model, anomalous, batch_size)
+    return inputs, reduce_masks(masks, model.discriminator.map_size)
+
+
+def anomaly_source(config: Config) -> AnomalySource:
+    if config.anomaly_source:
+        return AnomalySource.from_folder(Path(config.anomaly_source))
+    return AnomalySource.procedural()
+
+
+def train_discriminator(
+    model: RSTPM,
+    config: Config,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    generator: torch.Generator,
+    logger_factory: Callable[[Any], EpochLogger],
+    progress: bool,
+) -> dict[str, Any]:
+    """Stage 2: the U-Net on pseudo-anomalies, focal loss (Eq. 6), Adam; students frozen."""
+    stage = model.discriminator
+    synthesizer = PseudoAnomalySynthesizer(anomaly_source(config))
+    t0 = time.perf_counter()
+    stage.normalizer.fit(discriminator_inputs(model, train_images, config.batch_size))
+    val_generator = torch.Generator().manual_seed(config.seed + 1)
+    val_inputs, val_targets = make_pool(
+        model, synthesizer, val_images, val_generator, config.batch_size
+    )
+    setup_seconds = time.perf_counter() - t0
+    optimizer = torch.optim.Adam(stage.unet.parameters(), lr=config.disc_lr)
+    best: dict[str, Any] = {"epoch": 0, "val_loss": math.inf, "state": None}
+    synthesis_seconds, unet_seconds = [], []
+    bar = tqdm(range(1, config.disc_epochs + 1), desc="disc", unit="epoch", disable=not progress)
+    log_epoch = logger_factory(bar)
+    inputs = targets = None
+    for epoch in bar:
+        t0 = time.perf_counter()
+        if (epoch - 1) % config.disc_pool_refresh == 0:
+            inputs, targets = make_pool(
+                model, synthesizer, train_images, generator, config.batch_size
+            )
+        t1 = time.perf_counter()
+        stage.train()
+        order = torch.randperm(len(inputs), generator=generator)
+        total = 0.0
+        for start in range(0, len(inputs), config.disc_batch_size):
+            index = order[start : start + config.disc_batch_size]
+            if len(index) < 2:  # BatchNorm needs two samples; the pool is reshuffled next epoch
+                continue
+            loss = focal_loss(stage(inputs[index]), targets[index], gamma=2.0)
+            _check_finite(loss, "discriminative", epoch, config.disc_lr, "--disc-lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        t2 = time.perf_counter()
+        stage.eval()
+        with torch.no_grad():
+            val_loss = float(
+                sum(
+                    focal_loss(
+                        stage(val_inputs[i : i + config.disc_batch_size]),
+                        val_targets[i : i + config.disc_batch_size],
+                        reduction="sum",
+                    )
+                    for i in range(0, len(val_inputs), config.disc_batch_size)
+                )
+                / val_targets.numel()
+            )
+        synthesis_seconds.append(t1 - t0)
+        unet_seconds.append(t2 - t1)
+        if val_loss < best["val_loss"]:
+            state = {k: v.clone() for k, v in stage.state_dict().items()}
+            best = {"epoch": epoch, "val_loss": val_loss, "state": state}
+        record = {
+            "stage": "discriminative",
+            "epoch": epoch,
+            "loss": total / len(inputs),
+            "val_loss": val_loss,
+            "synthesis_seconds": round(t1 - t0, 3),
+            "unet_seconds": round(t2 - t1, 3),
+            "best_epoch": best["epoch"],
+        }
+        log_epoch(
+            record,
+            f"disc {epoch}/{config.disc_epochs} loss {record['loss']:.4f} val {val_loss:.4f} "
+            f"{time.perf_counter() - t0:.1f}s" + (" *" if best["epoch"] == epoch else ""),
+        )
+    if best["state"] is None:
+        raise TrainingError("no discriminative epoch gave a finite validation loss")
+    stage.load_state_dict(best["state"])
+    return {
+        "disc_best_epoch": best["epoch"],
+        "disc_best_val_loss": best["val_loss"],
+        "disc_setup_seconds": round(setup_seconds, 3),
+        "disc_mean_epoch_synthesis_seconds": round(float(np.mean(synthesis_seconds)), 3),
+        "disc_mean_epoch_unet_seconds": round(float(np.mean(unet_seconds)), 3),
+        "anomaly_source": repr(synthesizer.source),
+    }
+
+
+def _reusable_students(config: Config, students_from: Path) -> dict[str, torch.Tensor]:
+    """The student weights of an earlier run with the same student configuration."""
+    from rstpm.runs import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_json
+
+    other = Config.from_dict(read_json(Path(students_from) / CONFIG_FILE))
+    if other.student_fields() != config.student_fields():
+        changed = [k for k, v in config.student_fields().items() if other.student_fields()[k] != v]
+        raise RunError(
+            f"{students_from} was trained with other student settings ({', '.join(changed)}); "
+            "its students cannot be reused"
+        )
+    state = load_weights(Path(students_from) / WEIGHTS_FILE)
+    return {k: v for k, v in state.items() if not k.startswith("discriminator.")}
+
+
+def fit(
+    config: Config,
+    data_root: Path,
+    run_dir: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    students_from: Path | None = None,
+) -> dict[str, Any]:
+    """Train a run on the normal images of ``data_root`` and write it to ``run_dir``.
+
+    ``students_from``: a finished run with identical student settings whose students are
+    reused (stage 1 is skipped; only the discriminative network is trained).
+    """
+    run_dir = Path(run_dir)
+    samples = list_train_samples(Path(data_root))
+    train_samples, val_samples = split_train_val(samples, config.val_fraction, config.seed)
+    if len(train_samples) < config.batch_size:
+        raise DataError(
+            f"{data_root}: {len(train_samples)} training images after holding out "
+            f"{len(val_samples)} for validation, fewer than --batch-size {config.batch_size}; "
+            "lower --batch-size or add images"
+        )
+    reused = _reusable_students(config, students_from) if students_from else None
+    generator = seed_everything(config.seed)
+    started = time.perf_counter()
+    model, teachers = RSTPM.from_config(config)
+    train_images = load_all_images(train_samples, config.image_size, progress=progress)
+    val_images = load_all_images(val_samples, config.image_size, progress=progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / LOG_FILE
+    log_path.write_text("")
+
+    def logger_factory(bar: Any) -> EpochLogger:
+        return EpochLogger(log_path, bar, progress, log)
+
+    info: dict[str, Any] = {}
+    if reused is None:
+        stage1 = train_students(
+            model, config, train_images, val_images, generator, logger_factory, progress
+        )
+        student_state = stage1.pop("state")
+        info.update(stage1)
+    else:
+        student_state = reused
+        info["students_from"] = str(Path(students_from).resolve())
+    missing, unexpected = model.load_state_dict(student_state, strict=False)
+    assert not unexpected, unexpected
+    if model.discriminator is not None:
+        # stage 2 draws from its own stream, so reusing students gives the same result
+        disc_generator = torch.Generator().manual_seed(config.seed + 2)
+        info.update(
+            train_discriminator(
+                model, config, train_images, val_images, disc_generator, logger_factory, progress
+            )
+        )
     info = {
         "teachers": {k: v.to_dict() for k, v in teachers.items()},
         "data": str(Path(data_root).resolve()),
         "n_train": len(train_samples),
         "n_val": len(val_samples),
         "val_images": [str(s.path) for s in val_samples],
-        "best_epoch": best["epoch"],
-        "best_val_score": best["val_score"],
-        "teacher_cache_seconds": round(cache_seconds, 3),
-        "mean_epoch_train_seconds": round(float(np.mean(epoch_seconds)), 3),
+        **info,
         "total_seconds": round(time.perf_counter() - started, 3),
         "torch_threads": torch.get_num_threads(),
     }
-    save_run(run_dir, config, best["state"], info)
+    save_run(run_dir, config, model.trainable_state_dict(), info)
     return info
