@@ -205,3 +205,31 @@ def test_every_ablation_flag_builds_and_trains(
     args = ["test", "--run", str(run), "--data", str(synthetic_category), "--out", str(out)]
     assert main([*args, "--quiet"]) == 0
     assert json.loads((out / "metrics.json").read_text())["overall"]["image_auroc"] is not None
+
+
+def test_bench_trains_a_grid_reuses_runs_and_writes_tables(
+    synthetic_category: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "bench"
+    schedule = ["--epochs", "1", "--batch-size", "8", "--image-size", "64", "--quiet"]
+    schedule += ["--disc-epochs", "1", "--disc-batch-size", "8"]
+    args = ["bench", "--data", str(synthetic_category), "--out", str(out), *schedule]
+    grid = ["--ablations", "pair2,attention-none,disc-full-resolution"]
+    assert main([*args, *grid]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rows"]) == 3 * 4  # ablations x variants
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 3
+    full_res = next(r for r in (out / "runs").iterdir() if "disc-full-resolution" in r.name)
+    pair2 = next(r for r in (out / "runs").iterdir() if r.name.startswith("category-pair2"))
+    info = json.loads((full_res / "run.json").read_text())
+    assert info["students_from"] == str(pair2.resolve())  # same students, only stage 2 differs
+    table = (out / "results.md").read_text()
+    assert "## Variants" in table and "## Ablations" in table
+    assert "| category | full |" in table and "0.987 / 0.985 / 0.951" in table
+    # a second call reuses everything: no run is trained again
+    mtimes = {p: (p / "weights.safetensors").stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    capsys.readouterr()
+    assert main([*args, *grid]) == 0
+    assert {p: (p / "weights.safetensors").stat().st_mtime_ns for p in mtimes} == mtimes
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]

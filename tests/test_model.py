@@ -202,9 +202,14 @@ def test_eq7_multiplies_omega7_into_eq5() -> None:
     omega7 = torch.zeros(1, 4, 4)  # at a quarter of the 16x16 image, as the U-Net outputs it
     omega7[0, 1:3, 1:3] = 0.5
     full = fuse_full(omegas, omega7, (16, 16))
-    expected = 7.0 * 7.0 * 7.0 * torch.nn.functional.interpolate(
-        omega7[None], size=(16, 16), mode="bilinear", align_corners=False
-    )[0]
+    expected = (
+        7.0
+        * 7.0
+        * 7.0
+        * torch.nn.functional.interpolate(
+            omega7[None], size=(16, 16), mode="bilinear", align_corners=False
+        )[0]
+    )
     assert torch.allclose(full, expected)
     assert torch.allclose(fuse("disc", omegas, (16, 16), omega7), expected / 343.0)
     assert full[0, 0, 0] == 0 and full[0, 8, 8] == pytest.approx(343 * 0.5)

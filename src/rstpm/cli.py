@@ -1,4 +1,4 @@
-"""The `rstpm` command line: fit, test, demo.
+"""The `rstpm` command line: fit, test, bench, demo.
 
 Every user error (bad data, missing weights, damaged run) ends in ONE line on stderr that names
 the file and what to do, and exit code 2; nothing already written is destroyed.
@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--quiet", action="store_true")
     test.add_argument("--json", action="store_true", help="print metrics.json to stdout")
 
+    bench = sub.add_parser("bench", help="train and test a grid of categories x ablations")
+    bench.add_argument("--data", type=Path, nargs="+", required=True, help="category folders")
+    bench.add_argument("--out", type=Path, required=True, help="bench folder (runs are reused)")
+    bench.add_argument(
+        "--ablations",
+        default="pair2,attention-none,attention-both,t2-small",
+        help="comma-separated, from: pair2, attention-none, attention-both, t2-small, "
+        "disc-full-resolution",
+    )
+    bench.add_argument("--quiet", action="store_true")
+    _add_fit_arguments(bench)
+
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
     demo.add_argument("--out", type=Path, help="folder for the data and the run (default: temp)")
     demo.add_argument("--epochs", type=int, default=12)
@@ -180,6 +192,16 @@ def cmd_test(args: argparse.Namespace) -> None:
         _print_metrics(result)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from rstpm.bench import bench
+
+    if args.students_from:
+        raise ValueError("bench finds reusable students itself; drop --students-from")
+    ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    bench(args.data, args.out, _config_from_args(args), ablations, progress=not args.quiet)
+    print((args.out / "results.md").read_text())
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from rstpm.evaluate import test_variants
     from rstpm.synthetic import make_synthetic_category
@@ -212,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from rstpm.train import TrainingError
 
     args = build_parser().parse_args(argv)
-    handlers = {"fit": cmd_fit, "test": cmd_test, "demo": cmd_demo}
+    handlers = {"fit": cmd_fit, "test": cmd_test, "bench": cmd_bench, "demo": cmd_demo}
     try:
         handlers[args.command](args)
     except (DataError, WeightsError, RunError, TrainingError, ValueError) as error:
