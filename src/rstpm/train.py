@@ -86,6 +86,23 @@ def validation_score(
     return float(torch.cat(scores).mean())
 
 
+class BestEpoch:
+    """Keeps a copy of the state of the epoch with the lowest validation value."""
+
+    def __init__(self) -> None:
+        self.epoch, self.value, self.state = 0, math.inf, None
+
+    def update(
+        self, epoch: int, value: float, state: Callable[[], dict[str, torch.Tensor]]
+    ) -> bool:
+        """Record ``epoch`` if ``value`` is the lowest so far (NaN never is); True if it was."""
+        if not value < self.value:
+            return False
+        self.epoch, self.value = epoch, value
+        self.state = {k: v.detach().clone() for k, v in state().items()}
+        return True
+
+
 class EpochLogger:
     """Per-epoch log lines: appended to train_log.jsonl and shown under the progress bar."""
 
@@ -132,7 +149,7 @@ def train_students(
     optimizer = torch.optim.SGD(
         parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    best: dict[str, Any] = {"epoch": 0, "val_score": math.inf, "state": None}
+    best = BestEpoch()
     epoch_seconds = []
     n = len(train_images)
     bar = tqdm(range(1, config.epochs + 1), desc="students", unit="epoch", disable=not progress)
@@ -157,13 +174,15 @@ def train_students(
         val_score = validation_score(model, val_images, val_cache, config.batch_size)
         seconds = time.perf_counter() - t0
         epoch_seconds.append(train_seconds)
-        if val_score < best["val_score"]:
-            state = {
-                k: v.clone()
+        improved = best.update(
+            epoch,
+            val_score,
+            lambda: {
+                k: v
                 for k, v in model.trainable_state_dict().items()
                 if not k.startswith("discriminator.")
-            }
-            best = {"epoch": epoch, "val_score": val_score, "state": state}
+            },
+        )
         record = {
             "stage": "students",
             "epoch": epoch,
@@ -171,19 +190,19 @@ def train_students(
             "val_score": val_score,
             "train_seconds": round(train_seconds, 3),
             "seconds": round(seconds, 3),
-            "best_epoch": best["epoch"],
+            "best_epoch": best.epoch,
         }
         log_epoch(
             record,
             f"students {epoch}/{config.epochs} loss {record['loss']:.4f} "
-            f"val {val_score:.5f} {seconds:.1f}s" + (" *" if best["epoch"] == epoch else ""),
+            f"val {val_score:.5f} {seconds:.1f}s" + (" *" if improved else ""),
         )
-    if best["state"] is None:
+    if best.state is None:
         raise TrainingError("no epoch gave a finite validation score; lower --lr and re-run")
     return {
-        "state": best["state"],
-        "best_epoch": best["epoch"],
-        "best_val_score": best["val_score"],
+        "state": best.state,
+        "best_epoch": best.epoch,
+        "best_val_score": best.value,
         "teacher_cache_seconds": round(cache_seconds, 3),
         "mean_epoch_train_seconds": round(float(np.mean(epoch_seconds)), 3),
     }
@@ -252,7 +271,7 @@ def train_discriminator(
     )
     setup_seconds = time.perf_counter() - t0
     optimizer = torch.optim.Adam(stage.unet.parameters(), lr=config.disc_lr)
-    best: dict[str, Any] = {"epoch": 0, "val_loss": math.inf, "state": None}
+    best = BestEpoch()
     synthesis_seconds, unet_seconds = [], []
     bar = tqdm(range(1, config.disc_epochs + 1), desc="disc", unit="epoch", disable=not progress)
     log_epoch = logger_factory(bar)
@@ -293,9 +312,7 @@ def train_discriminator(
             )
         synthesis_seconds.append(t1 - t0)
         unet_seconds.append(t2 - t1)
-        if val_loss < best["val_loss"]:
-            state = {k: v.clone() for k, v in stage.state_dict().items()}
-            best = {"epoch": epoch, "val_loss": val_loss, "state": state}
+        improved = best.update(epoch, val_loss, stage.state_dict)
         record = {
             "stage": "discriminative",
             "epoch": epoch,
@@ -303,19 +320,19 @@ def train_discriminator(
             "val_loss": val_loss,
             "synthesis_seconds": round(t1 - t0, 3),
             "unet_seconds": round(t2 - t1, 3),
-            "best_epoch": best["epoch"],
+            "best_epoch": best.epoch,
         }
         log_epoch(
             record,
             f"disc {epoch}/{config.disc_epochs} loss {record['loss']:.4f} val {val_loss:.4f} "
-            f"{time.perf_counter() - t0:.1f}s" + (" *" if best["epoch"] == epoch else ""),
+            f"{time.perf_counter() - t0:.1f}s" + (" *" if improved else ""),
         )
-    if best["state"] is None:
+    if best.state is None:
         raise TrainingError("no discriminative epoch gave a finite validation loss")
-    stage.load_state_dict(best["state"])
+    stage.load_state_dict(best.state)
     return {
-        "disc_best_epoch": best["epoch"],
-        "disc_best_val_loss": best["val_loss"],
+        "disc_best_epoch": best.epoch,
+        "disc_best_val_loss": best.value,
         "disc_setup_seconds": round(setup_seconds, 3),
         "disc_mean_epoch_synthesis_seconds": round(float(np.mean(synthesis_seconds)), 3),
         "disc_mean_epoch_unet_seconds": round(float(np.mean(unet_seconds)), 3),
