@@ -69,7 +69,8 @@ def main() -> None:
         print(
             f"{name:>8} ({side}x{side}): train step {train_s:.3f} s, inference {infer_s:.3f} s"
         )
-    print(f"full / quarter: train {full[0] / quarter[0]:.1f}x, inference {full[1] / quarter[1]:.1f}x")
+    train_ratio, infer_ratio = full[0] / quarter[0], full[1] / quarter[1]
+    print(f"full / quarter: train {train_ratio:.1f}x, inference {infer_ratio:.1f}x")
 
 
 if __name__ == "__main__":
