@@ -66,9 +66,7 @@ def main() -> None:
     full = measure(args.image_size, args.batch_size, args.repeats)
     for name, (train_s, infer_s) in (("quarter", quarter), ("full", full)):
         side = args.image_size // 4 if name == "quarter" else args.image_size
-        print(
-            f"{name:>8} ({side}x{side}): train step {train_s:.3f} s, inference {infer_s:.3f} s"
-        )
+        print(f"{name:>8} ({side}x{side}): train step {train_s:.3f} s, inference {infer_s:.3f} s")
     train_ratio, infer_ratio = full[0] / quarter[0], full[1] / quarter[1]
     print(f"full / quarter: train {train_ratio:.1f}x, inference {infer_ratio:.1f}x")
 
