@@ -1,4 +1,4 @@
-"""The `rstpm` command line: fit, test, bench, demo.
+"""The `rstpm` command line: fit, test, export, bench, demo.
 
 Every user error (bad data, missing weights, damaged run) ends in ONE line on stderr that names
 the file and what to do, and exit code 2; nothing already written is destroyed.
@@ -89,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--batch-size", type=int, default=16)
     test.add_argument("--quiet", action="store_true")
     test.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    test.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: ONNX Runtime on the graph of `rstpm export` (its one variant)",
+    )
+    test.add_argument(
+        "--onnx", type=Path, help="graph for --backend onnx (default RUN/export/model-VARIANT.onnx)"
+    )
+
+    export = sub.add_parser("export", help="one ONNX graph of a variant, checked against torch")
+    export.add_argument("--run", type=Path, required=True)
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        help="default: full (Eq. 7), or st (Eq. 5) for a run without discriminative net",
+    )
+    export.add_argument("--out", type=Path, help="default RUN/export/model-VARIANT.onnx")
 
     bench = sub.add_parser("bench", help="train and test a grid of categories x ablations")
     bench.add_argument("--data", type=Path, nargs="+", required=True, help="category folders")
@@ -177,6 +196,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     from rstpm.evaluate import test
 
+    if args.onnx is not None and args.backend != "onnx":
+        raise ValueError("--onnx FILE is used with --backend onnx only")
     result = test(
         args.run,
         args.data,
@@ -185,11 +206,27 @@ def cmd_test(args: argparse.Namespace) -> None:
         mask_root=args.masks,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        backend=args.backend,
+        onnx_path=args.onnx,
     )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         _print_metrics(result)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from rstpm.export import default_onnx_path, export_onnx, sidecar_path
+
+    info = export_onnx(args.run, variant=args.variant, out=args.out)
+    out = args.out or default_onnx_path(args.run, info["variant"])
+    parity = info["parity"]
+    print(
+        f"variant {info['variant']} exported to {out} (opset {info['opset']}, "
+        f"{info['image_size']}x{info['image_size']} input); ONNX Runtime vs torch: max abs "
+        f"difference {parity['max_abs_difference']:.3g} <= bound {parity['bound']:.3g}; "
+        f"details in {sidecar_path(out)}"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -230,14 +267,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     from rstpm.backbones import WeightsError
     from rstpm.data import DataError
+    from rstpm.export import ExportError
     from rstpm.runs import RunError
     from rstpm.train import TrainingError
 
     args = build_parser().parse_args(argv)
-    handlers = {"fit": cmd_fit, "test": cmd_test, "bench": cmd_bench, "demo": cmd_demo}
+    handlers = {
+        "fit": cmd_fit,
+        "test": cmd_test,
+        "export": cmd_export,
+        "bench": cmd_bench,
+        "demo": cmd_demo,
+    }
     try:
         handlers[args.command](args)
-    except (DataError, WeightsError, RunError, TrainingError, ValueError) as error:
+    except (DataError, WeightsError, RunError, TrainingError, ExportError, ValueError) as error:
         print(f"rstpm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +53,12 @@ def default_variant(model: RSTPM) -> str:
     return "full" if model.discriminator is not None else "st"
 
 
-@torch.inference_mode()
-def predict_maps(
-    model: RSTPM,
-    samples: Sequence[Sample],
-    sizes: Sequence[tuple[int, int]],
-    variants: Sequence[str],
-    config: Config,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> dict[str, list[np.ndarray]]:
-    """Maps of every variant for every sample at its own (W, H) size, from ONE forward pass."""
+BatchMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+"""A map backend: a (B, 3, S, S) batch in [0, 1] -> {variant: (B, S, S) fused, smoothed map}."""
+
+
+def torch_backend(model: RSTPM, variants: Sequence[str], smoothing_sigma: float) -> BatchMaps:
+    """The torch backend: every variant of a batch from ONE forward pass of the model."""
     for variant in variants:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -72,17 +67,40 @@ def predict_maps(
                 f"variant {variant!r} needs the discriminative network, which this run has not "
                 "trained (--disc-epochs 0); use --variant st or stpm"
             )
+
+    def batch_maps(image: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = tuple(image.shape[-2:])
+        omegas = model(image)
+        omega7 = None
+        if any(v in NEEDS_OMEGA7 for v in variants):
+            omega7 = model.discriminator.omega7(omegas, size)
+        return {v: gaussian_blur(fuse(v, omegas, size, omega7), smoothing_sigma) for v in variants}
+
+    return batch_maps
+
+
+@torch.inference_mode()
+def predict_maps(
+    model: RSTPM | None,
+    samples: Sequence[Sample],
+    sizes: Sequence[tuple[int, int]],
+    variants: Sequence[str],
+    config: Config,
+    batch_size: int = 16,
+    progress: bool = True,
+    backend: BatchMaps | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """Maps of every variant for every sample at its own (W, H) size; each batch's maps come
+    from ``backend`` (default: ``torch_backend(model, ...)``, one forward pass per batch)."""
+    if backend is None:
+        backend = torch_backend(model, variants, config.smoothing_sigma)
     loader = make_loader(ImageDataset(samples, config.image_size), batch_size, shuffle=False)
     maps: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     with tqdm(total=len(samples), desc="test", unit="img", disable=not progress) as bar:
         for batch in loader:
-            size = tuple(batch.image.shape[-2:])
-            omegas = model(batch.image)
-            omega7 = None
-            if any(v in NEEDS_OMEGA7 for v in variants):
-                omega7 = model.discriminator.omega7(omegas, size)
+            batch_maps = backend(batch.image)
             for variant in variants:
-                fused = gaussian_blur(fuse(variant, omegas, size, omega7), config.smoothing_sigma)
+                fused = batch_maps[variant]
                 for i, index in enumerate(batch.index.tolist()):
                     width, height = sizes[index]
                     maps[variant].append(resize_map(fused[i : i + 1], (height, width))[0].numpy())
@@ -98,12 +116,27 @@ def test_variants(
     mask_root: Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    backend: str = "torch",
+    onnx_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a run on the test split of ``data_root`` for several variants at once; for each,
-    writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff`` and ``<out>/metrics.json``."""
+    writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff`` and ``<out>/metrics.json``.
+
+    ``backend``: ``torch`` (the run's model) or ``onnx`` (ONNX Runtime on the graph of
+    ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant)."""
     run_dir = Path(run_dir)
-    model, config, _ = load_run(run_dir)
-    variants = [v or default_variant(model) for v in variants]
+    if backend == "torch":
+        model, config, _ = load_run(run_dir)
+        variants = [v or default_variant(model) for v in variants]
+        batch_maps = torch_backend(model, variants, config.smoothing_sigma)
+    elif backend == "onnx":
+        from rstpm.export import onnx_backend, run_config
+
+        model, config = None, run_config(run_dir)
+        batch_maps = onnx_backend(run_dir, config, variants, onnx_path)
+        variants = [batch_maps.variant for _ in variants]
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
     samples = list_test_samples(Path(data_root), mask_root)
     sizes = [image_size(s.path) for s in samples]  # (W, H)
     masks = [
@@ -113,7 +146,7 @@ def test_variants(
         for s, size in zip(samples, sizes, strict=True)
     ]
     started = time.perf_counter()
-    maps = predict_maps(model, samples, sizes, variants, config, batch_size, progress)
+    maps = predict_maps(model, samples, sizes, variants, config, batch_size, progress, batch_maps)
     seconds = time.perf_counter() - started
     results = []
     for variant, out_dir in zip(variants, out_dirs, strict=True):
@@ -127,6 +160,7 @@ def test_variants(
             "run": str(run_dir.resolve()),
             "data": str(Path(data_root).resolve()),
             "n_images": len(samples),
+            "backend": backend,
             "inference_seconds": round(seconds, 3),
             "torch_threads": torch.get_num_threads(),
             **metrics,
@@ -144,8 +178,12 @@ def test(
     mask_root: Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    backend: str = "torch",
+    onnx_path: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate one variant (default: full, or st without discriminative network); writes maps
-    and metrics.json to ``out_dir`` (default ``RUN_DIR/test``)."""
+    and metrics.json to ``out_dir`` (default ``RUN_DIR/test``). ``backend``: see test_variants."""
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "test"
-    return test_variants(run_dir, data_root, [variant], [out], mask_root, batch_size, progress)[0]
+    return test_variants(
+        run_dir, data_root, [variant], [out], mask_root, batch_size, progress, backend, onnx_path
+    )[0]

@@ -1,0 +1,407 @@
+"""`rstpm export`: one ONNX graph per variant, and the ONNX Runtime backend of `rstpm test`.
+
+The graph holds every network of a run (teachers with their mean/std normalisation, students,
+attention, the discriminative U-Net) and the fusion (Eq. 5 / Eq. 7) with the run's Gaussian
+smoothing: it computes exactly what ``RSTPM.anomaly_map(image, variant, smoothing_sigma)``
+computes, by tracing that method (:class:`AnomalyMapGraph`), never a copy of its math.
+
+    input   image        float32 (B, 3, S, S), RGB in [0, 1]; B dynamic, S = config.image_size
+    output  anomaly_map  float32 (B, S, S), the variant's smoothed map at the input resolution
+    output  score        float32 (B,), the map's max (the image score)
+
+Exporter: ``torch.onnx.export(..., dynamo=False)`` (the TorchScript tracer) at opset
+:data:`OPSET`. The torch.export-based exporter cannot trace the run as it is (the discriminative
+input normaliser branches on a buffer's value) and takes ~20x longer. TF-"same" padding of the
+EfficientNet-Lite teachers is traced at the static size S.
+
+Every export is checked before it is written: ONNX Runtime runs the graph on a seeded random
+batch and its maps must match torch's within :func:`parity_bound` (relative
+:data:`PARITY_RTOL` of the map's max). The file is written atomically beside a JSON sidecar
+(variant, sizes, opset, versions, sha256 of the graph and of the run's weights).
+
+``onnx`` and ``onnxruntime`` are optional dependencies (``pip install 'rstpm[onnx]'``), imported
+only here and only when needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rstpm import __version__
+from rstpm.config import Config
+from rstpm.fusion import NEEDS_OMEGA7, VARIANTS
+from rstpm.runs import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    RunError,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
+
+OPSET = 17
+"""ONNX opset of the exported graphs (ONNX Runtime >= 1.12 runs it)."""
+
+PARITY_RTOL = 1e-4
+"""Allowed max |ONNX Runtime - torch| of a map, relative to the max of torch's map."""
+
+PARITY_FLOOR = 1e-7
+"""Absolute floor of the allowed difference (for maps that are zero everywhere)."""
+
+EXPORT_DIR = "export"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score")
+EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
+INSTALL_HINT = "install the ONNX extra with `pip install 'rstpm[onnx]'` (onnx, onnxruntime)"
+
+# Keys of the graph's metadata_props, read back by OnnxMaps.
+META_VARIANT = "rstpm_variant"
+META_IMAGE_SIZE = "rstpm_image_size"
+META_SIGMA = "rstpm_smoothing_sigma"
+META_WEIGHTS = "rstpm_weights_sha256"
+META_VERSION = "rstpm_version"
+
+
+class ExportError(RuntimeError):
+    """An export failed or does not match torch, or an exported file is missing or unfit."""
+
+
+def _require(module: str) -> ModuleType:
+    """Import an optional dependency, or fail with how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ExportError(f"{module} is not installed: {INSTALL_HINT}") from error
+
+
+def default_onnx_path(run_dir: Path, variant: str) -> Path:
+    """``RUN_DIR/export/model-<variant>.onnx``."""
+    return Path(run_dir) / EXPORT_DIR / f"model-{variant}.onnx"
+
+
+def sidecar_path(onnx_path: Path) -> Path:
+    """The JSON beside an exported graph: ``model-<variant>.json``."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def run_config(run_dir: Path) -> Config:
+    """A run's resolved Config, read without building its networks."""
+    stored = read_json(Path(run_dir) / CONFIG_FILE)
+    stored.setdefault("disc_epochs", 0)  # as runs.load_run: runs from before stage 2 existed
+    return Config.from_dict(stored)
+
+
+def config_default_variant(config: Config) -> str:
+    """evaluate.default_variant from the config alone: full with a discriminative net, else st."""
+    return "full" if config.disc_epochs > 0 else "st"
+
+
+def weights_sha256(run_dir: Path) -> str:
+    """sha256 of the run's weights file: ties an export to the weights it was made from."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise RunError(f"{path} is missing: the run did not finish; re-run `rstpm fit`")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def parity_bound(reference: np.ndarray) -> float:
+    """The largest allowed max |ONNX Runtime - torch| for torch's maps ``reference``."""
+    peak = float(np.abs(reference).max()) if reference.size else 0.0
+    return max(PARITY_RTOL * peak, PARITY_FLOOR)
+
+
+def _needs_disc_error(variant: str) -> ValueError:
+    return ValueError(
+        f"variant {variant!r} needs the discriminative network, which this run has not trained "
+        "(--disc-epochs 0); use --variant st or stpm"
+    )
+
+
+class AnomalyMapGraph(nn.Module):
+    """What the ONNX graph computes: ``RSTPM.anomaly_map`` of one variant and its max."""
+
+    def __init__(self, model: nn.Module, variant: str, smoothing_sigma: float) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.model = model
+        self.variant = variant
+        self.smoothing_sigma = float(smoothing_sigma)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) in [0, 1] -> the (B, S, S) smoothed map and the (B,) image scores."""
+        anomaly_map = self.model.anomaly_map(image, self.variant, self.smoothing_sigma)
+        return anomaly_map, anomaly_map.amax(dim=(1, 2))
+
+
+def _session(source: bytes | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session of a serialized graph or a file."""
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    model = source if isinstance(source, bytes) else str(source)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _trace_to_onnx(graph: AnomalyMapGraph, image_size: int, opset: int) -> bytes:
+    """Serialized ONNX of ``graph`` with a dynamic batch axis and a static S x S input."""
+    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # Shape checks and static sizes are traced as constants (S is fixed by design), and the
+        # TorchScript exporter announces its deprecation; neither concerns the user here.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*Constant folding")
+        torch.onnx.export(
+            graph,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                INPUT_NAME: {0: "batch"},
+                OUTPUT_NAMES[0]: {0: "batch"},
+                OUTPUT_NAMES[1]: {0: "batch"},
+            },
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def _declare_shape(value: Any, dims: Sequence[int | str]) -> None:
+    """Set a graph input's or output's declared shape (str: a named dynamic axis)."""
+    shape = value.type.tensor_type.shape
+    del shape.dim[:]
+    for dim in dims:
+        entry = shape.dim.add()
+        if isinstance(dim, str):
+            entry.dim_param = dim
+        else:
+            entry.dim_value = dim
+
+
+def _finish(onnx_bytes: bytes, metadata: dict[str, str], image_size: int) -> bytes:
+    """The traced graph with its declared shapes and rstpm's metadata_props, checked by
+    onnx.checker. (The tracer's shape inference leaves the outputs' S x S symbolic.)"""
+    onnx = _require("onnx")
+    proto = onnx.load_from_string(onnx_bytes)
+    size = image_size
+    shapes = {
+        INPUT_NAME: ["batch", 3, size, size],
+        OUTPUT_NAMES[0]: ["batch", size, size],
+        OUTPUT_NAMES[1]: ["batch"],
+    }
+    for value in [*proto.graph.input, *proto.graph.output]:
+        _declare_shape(value, shapes[value.name])
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = (
+        f"rstpm {__version__}: anomaly map of variant {metadata[META_VARIANT]} (arXiv 2210.07548)"
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def export_onnx(
+    run_dir: Path,
+    variant: str | None = None,
+    out: Path | None = None,
+    opset: int = OPSET,
+    verify_batch: int = 3,
+) -> dict[str, Any]:
+    """Export a run's ``variant`` (default: full, or st without discriminative net) to ONNX.
+
+    Writes ``out`` (default ``RUN_DIR/export/model-<variant>.onnx``) and its JSON sidecar only
+    after ONNX Runtime reproduced torch's maps on a random batch of ``verify_batch`` images
+    (a different batch size than the traced one, so the dynamic axis is checked too).
+    Returns the sidecar's content.
+
+    Raises:
+        ValueError: unknown variant, or one that needs a discriminative net the run lacks.
+        ExportError: onnx/onnxruntime missing, or the graph does not match torch.
+    """
+    from rstpm.evaluate import default_variant
+    from rstpm.runs import load_run
+
+    _require("onnx")
+    ort = _require("onnxruntime")
+    run_dir = Path(run_dir)
+    model, config, _ = load_run(run_dir)
+    variant = variant or default_variant(model)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant in NEEDS_OMEGA7 and model.discriminator is None:
+        raise _needs_disc_error(variant)
+    out = Path(out) if out is not None else default_onnx_path(run_dir, variant)
+    size, sigma = config.image_size, config.smoothing_sigma
+    graph = AnomalyMapGraph(model, variant, sigma).eval()
+    weights_digest = weights_sha256(run_dir)
+    metadata = {
+        META_VARIANT: variant,
+        META_IMAGE_SIZE: str(size),
+        META_SIGMA: repr(float(sigma)),
+        META_WEIGHTS: weights_digest,
+        META_VERSION: __version__,
+    }
+    try:
+        onnx_bytes = _finish(_trace_to_onnx(graph, size, opset), metadata, size)
+    except ExportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any tracer/exporter failure, in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ExportError(f"ONNX export failed: {type(error).__name__}: {first}") from error
+
+    # Parity: ONNX Runtime against torch on a seeded random batch, before anything is written.
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(verify_batch, 3, size, size, generator=generator)
+    reference = model.anomaly_map(images, variant, sigma).numpy()
+    onnx_map, onnx_score = _session(onnx_bytes).run(None, {INPUT_NAME: images.numpy()})
+    difference = float(np.abs(onnx_map - reference).max())
+    score_difference = float(np.abs(onnx_score - reference.reshape(verify_batch, -1).max(1)).max())
+    bound = parity_bound(reference)
+    if not (difference <= bound and score_difference <= bound):  # also refuses NaN
+        raise ExportError(
+            f"the ONNX graph of {variant!r} does not reproduce torch: max |map difference| "
+            f"{difference:.3g}, max |score difference| {score_difference:.3g} > bound "
+            f"{bound:.3g}; nothing written"
+        )
+
+    atomic_write_bytes(out, onnx_bytes)
+    info = {
+        "format": "onnx",
+        "file": out.name,
+        "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "variant": variant,
+        "image_size": size,
+        "smoothing_sigma": sigma,
+        "inputs": {INPUT_NAME: ["batch", 3, size, size]},  # as declared by _finish
+        "outputs": {OUTPUT_NAMES[0]: ["batch", size, size], OUTPUT_NAMES[1]: ["batch"]},
+        "opset": opset,
+        "exporter": EXPORTER,
+        "rstpm_version": __version__,
+        "torch_version": torch.__version__,
+        "onnxruntime_version": ort.__version__,
+        "run": str(run_dir.resolve()),
+        "weights_sha256": weights_digest,
+        "parity": {
+            "images": f"{verify_batch} uniform random {size}x{size} images, seed 1",
+            "max_abs_difference": difference,
+            "max_abs_score_difference": score_difference,
+            "bound": bound,
+            "relative_tolerance": PARITY_RTOL,
+        },
+    }
+    atomic_write_json(sidecar_path(out), info)
+    return info
+
+
+class OnnxMaps:
+    """The ONNX Runtime backend of ``evaluate.predict_maps``: an exported graph's maps.
+
+    Called with a (B, 3, S, S) batch in [0, 1], returns ``{variant: (B, S, S) map}`` for the one
+    variant the graph holds.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"{path} does not exist: export the run with `rstpm export`")
+        _require("onnxruntime")
+        try:
+            self.session = _session(path, threads)
+        except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ExportError(
+                f"{path} is not a readable ONNX graph ({first}); re-run `rstpm export`"
+            ) from error
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if META_VARIANT not in metadata or META_IMAGE_SIZE not in metadata:
+            raise ExportError(f"{path} was not written by `rstpm export` (no rstpm metadata)")
+        self.path = path
+        self.variant: str = metadata[META_VARIANT]
+        self.image_size = int(metadata[META_IMAGE_SIZE])
+        self.weights_sha256: str | None = metadata.get(META_WEIGHTS)
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) float32 in [0, 1] -> the (B, S, S) maps and (B,) scores."""
+        if images.ndim != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"{self.path} takes (B, 3, {self.image_size}, {self.image_size}) images, "
+                f"got {tuple(images.shape)}"
+            )
+        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)}
+        anomaly_map, score = self.session.run(list(OUTPUT_NAMES), feed)
+        return anomaly_map, score
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        anomaly_map, _ = self.predict(image.detach().cpu().numpy())
+        return {self.variant: torch.from_numpy(anomaly_map)}
+
+
+def onnx_backend(
+    run_dir: Path,
+    config: Config,
+    variants: Sequence[str | None],
+    onnx_path: Path | None = None,
+) -> OnnxMaps:
+    """The ONNX backend of a run for ``rstpm test --backend onnx``.
+
+    ``variants`` (None = default) must all be the one variant of the graph: ``onnx_path``'s, or,
+    without it, that of ``RUN_DIR/export/model-<variant>.onnx``. The graph must have been
+    exported from the run's current weights at its image size.
+    """
+    run_dir = Path(run_dir)
+    for variant in variants:
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        if variant in NEEDS_OMEGA7 and config.disc_epochs <= 0:
+            raise _needs_disc_error(variant)
+    if onnx_path is None:
+        wanted = sorted({v or config_default_variant(config) for v in variants})
+        if len(wanted) != 1:
+            raise ValueError(
+                f"the onnx backend runs one exported variant at a time, asked for {wanted}"
+            )
+        onnx_path = default_onnx_path(run_dir, wanted[0])
+        if not onnx_path.is_file():
+            raise ExportError(
+                f"{onnx_path} does not exist: export it first with "
+                f"`rstpm export --run {run_dir} --variant {wanted[0]}`"
+            )
+    maps = OnnxMaps(onnx_path)
+    for variant in variants:
+        if variant is not None and variant != maps.variant:
+            raise ValueError(
+                f"{onnx_path} holds variant {maps.variant!r} only: use --variant {maps.variant}, "
+                f"or export {variant!r} with `rstpm export --run {run_dir} --variant {variant}`"
+            )
+    if maps.image_size != config.image_size:
+        raise ExportError(
+            f"{onnx_path} takes {maps.image_size} px images, the run {config.image_size} px: "
+            f"it belongs to another run; re-run `rstpm export --run {run_dir}`"
+        )
+    if maps.weights_sha256 != weights_sha256(run_dir):
+        raise ExportError(
+            f"{onnx_path} was exported from other weights than {run_dir / WEIGHTS_FILE} "
+            f"(sha256 differs): re-run `rstpm export --run {run_dir} --variant {maps.variant}`"
+        )
+    return maps
