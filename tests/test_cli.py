@@ -185,6 +185,7 @@ def test_variants_need_a_discriminative_net(
         ["--teacher2", "small"],
         ["--disc-resolution", "full"],
         ["--disc-pool-refresh", "2", "--anomaly-source", "TEXTURES"],
+        ["--precision", "bf16"],
     ],
 )
 def test_every_ablation_flag_builds_and_trains(

@@ -242,3 +242,17 @@ def test_discriminative_stage_shapes_and_frozen_students(resolution: str) -> Non
     assert model.anomaly_map(image, "full").shape == (2, 64, 64)
     omega7 = model.anomaly_map(image, "disc")
     assert torch.all((omega7 >= 0) & (omega7 <= 1))
+
+
+def test_bf16_precision_keeps_maps_close_and_float32() -> None:
+    model = small_model("lite").eval()
+    image = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = model(image)
+        model.set_precision("bf16")
+        fast = model(image)
+    for a, b in zip(exact, fast, strict=True):
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max() <= 0.05 * a.abs().max() + 1e-3
+    with pytest.raises(ValueError, match="precision"):
+        model.set_precision("fp16")

@@ -43,7 +43,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def config_digest(config: Config) -> str:
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    """A short digest of the settings that differ from the defaults (stable when a later
+    version adds a setting with a default)."""
+    defaults = Config(preset=config.preset).to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if defaults.get(k) != v}
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _find_students(runs_dir: Path, config: Config) -> Path | None:

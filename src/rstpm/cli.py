@@ -16,6 +16,7 @@ from rstpm import __version__
 from rstpm.attention import PLACEMENTS
 from rstpm.config import DISC_RESOLUTIONS, PRESETS, Config
 from rstpm.fusion import VARIANTS
+from rstpm.precision import PRECISIONS
 
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,12 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute teacher features every step (slow)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: autocast convolutions to bfloat16 (faster on AVX-512 BF16 CPUs, not exact)",
     )
     parser.add_argument(
         "--teacher2",
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: ONNX Runtime on the graph of `rstpm export` (its one variant)",
     )
     test.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="torch backend: fp32 or bf16 (default: the precision the run was trained with)",
+    )
+    test.add_argument(
         "--onnx", type=Path, help="graph for --backend onnx (default RUN/export/model-VARIANT.onnx)"
     )
 
@@ -144,6 +156,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         teacher_weights=weights,
         cache_teacher_features=not args.no_cache,
         teacher2=args.teacher2,
+        precision=args.precision,
         disc_epochs=args.disc_epochs,
         disc_lr=args.disc_lr,
         disc_batch_size=args.disc_batch_size,
@@ -208,6 +221,7 @@ def cmd_test(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         backend=args.backend,
         onnx_path=args.onnx,
+        precision=args.precision,
     )
     if args.json:
         print(json.dumps(result, indent=2))

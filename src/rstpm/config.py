@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rstpm.attention import PLACEMENTS
+from rstpm.precision import PRECISIONS
 
 # Teacher architectures per preset (T1, T2). S1 = T1's architecture, randomly initialised.
 PRESETS: dict[str, tuple[str, str]] = {
@@ -37,6 +38,7 @@ class Config:
     seed: int = 0
     smoothing_sigma: float = 4.0  # Gaussian blur of the final map, in input pixels (0: off)
     cache_teacher_features: bool = True
+    precision: str = "fp32"  # fp32 (exact) | bf16 (autocast, see precision.py)
     # The discriminative stage (method.md section 3): trained after the students, both frozen.
     disc_epochs: int = 300  # 0: no discriminative network (variants stpm and st only)
     disc_lr: float = 1e-4  # Adam
@@ -64,6 +66,8 @@ class Config:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.disc_resolution not in DISC_RESOLUTIONS:
             raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
         if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:
@@ -81,7 +85,7 @@ class Config:
         run whose student fields are equal)."""
         names = (
             "preset teacher1 teacher2 attention decoder_widths image_size epochs batch_size lr "
-            "momentum weight_decay val_fraction seed teacher_weights"
+            "momentum weight_decay val_fraction seed teacher_weights precision"
         ).split()
         return {name: getattr(self, name) for name in names}
 

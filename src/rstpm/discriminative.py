@@ -287,6 +287,7 @@ class DiscriminativeStage(nn.Module):
         self.map_size = (int(map_size[0]), int(map_size[1]))
         self.normalizer = InputNormalizer(3)
         self.unet = DiscriminativeUNet(3, base_width, depth=unet_depth(min(self.map_size)))
+        self.precision = "fp32"  # set by RSTPM.set_precision
 
     def raw_inputs(self, omegas: list[torch.Tensor]) -> torch.Tensor:
         """(B, 3, h, w): [Omega^1 + Omega^6, Omega^2 + Omega^5, Omega^3 + Omega^4] at map_size."""
@@ -295,8 +296,12 @@ class DiscriminativeStage(nn.Module):
         return torch.stack(per_resolution_sums(omegas, self.map_size), dim=1)
 
     def forward(self, raw_inputs: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 2, h, w) of normal / anomalous."""
-        return self.unet(self.normalizer(raw_inputs))
+        """Logits (B, 2, h, w) of normal / anomalous, float32."""
+        from rstpm.precision import autocast
+
+        scaled = self.normalizer(raw_inputs)
+        with autocast(self.precision):
+            return self.unet(scaled).float()
 
     def omega7(self, omegas: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Omega^7: the (B, H, W) anomaly probability at the image size ``size``."""

@@ -31,7 +31,7 @@ from rstpm.data import (
 from rstpm.fusion import NEEDS_OMEGA7, VARIANTS, fuse, gaussian_blur, resize_map
 from rstpm.metrics import evaluate
 from rstpm.model import RSTPM
-from rstpm.runs import atomic_write_bytes, atomic_write_json, load_run
+from rstpm.runs import atomic_write_bytes, atomic_write_json, load_run, read_config
 
 
 def write_tiff(path: Path, anomaly_map: np.ndarray) -> None:
@@ -118,6 +118,7 @@ def test_variants(
     progress: bool = True,
     backend: str = "torch",
     onnx_path: Path | None = None,
+    precision: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a run on the test split of ``data_root`` for several variants at once; for each,
     writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff`` and ``<out>/metrics.json``.
@@ -126,13 +127,13 @@ def test_variants(
     ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant)."""
     run_dir = Path(run_dir)
     if backend == "torch":
-        model, config, _ = load_run(run_dir)
+        model, config, _ = load_run(run_dir, precision)
         variants = [v or default_variant(model) for v in variants]
         batch_maps = torch_backend(model, variants, config.smoothing_sigma)
     elif backend == "onnx":
-        from rstpm.export import onnx_backend, run_config
+        from rstpm.export import onnx_backend
 
-        model, config = None, run_config(run_dir)
+        model, config = None, read_config(run_dir)
         batch_maps = onnx_backend(run_dir, config, variants, onnx_path)
         variants = [batch_maps.variant for _ in variants]
     else:
@@ -161,6 +162,7 @@ def test_variants(
             "data": str(Path(data_root).resolve()),
             "n_images": len(samples),
             "backend": backend,
+            "precision": model.precision if model is not None else "fp32",
             "inference_seconds": round(seconds, 3),
             "torch_threads": torch.get_num_threads(),
             **metrics,
@@ -180,10 +182,20 @@ def test(
     progress: bool = True,
     backend: str = "torch",
     onnx_path: Path | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one variant (default: full, or st without discriminative network); writes maps
     and metrics.json to ``out_dir`` (default ``RUN_DIR/test``). ``backend``: see test_variants."""
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "test"
     return test_variants(
-        run_dir, data_root, [variant], [out], mask_root, batch_size, progress, backend, onnx_path
+        run_dir,
+        data_root,
+        [variant],
+        [out],
+        mask_root,
+        batch_size,
+        progress,
+        backend,
+        onnx_path,
+        precision,
     )[0]

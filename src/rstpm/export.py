@@ -42,12 +42,10 @@ from rstpm import __version__
 from rstpm.config import Config
 from rstpm.fusion import NEEDS_OMEGA7, VARIANTS
 from rstpm.runs import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     RunError,
     atomic_write_bytes,
     atomic_write_json,
-    read_json,
 )
 
 OPSET = 17
@@ -93,13 +91,6 @@ def default_onnx_path(run_dir: Path, variant: str) -> Path:
 def sidecar_path(onnx_path: Path) -> Path:
     """The JSON beside an exported graph: ``model-<variant>.json``."""
     return Path(onnx_path).with_suffix(".json")
-
-
-def run_config(run_dir: Path) -> Config:
-    """A run's resolved Config, read without building its networks."""
-    stored = read_json(Path(run_dir) / CONFIG_FILE)
-    stored.setdefault("disc_epochs", 0)  # as runs.load_run: runs from before stage 2 existed
-    return Config.from_dict(stored)
 
 
 def config_default_variant(config: Config) -> str:
@@ -245,7 +236,7 @@ def export_onnx(
     _require("onnx")
     ort = _require("onnxruntime")
     run_dir = Path(run_dir)
-    model, config, _ = load_run(run_dir)
+    model, config, _ = load_run(run_dir, precision="fp32")  # the graph is exported in fp32
     variant = variant or default_variant(model)
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")

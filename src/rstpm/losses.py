@@ -25,7 +25,7 @@ def distance_map(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ"
         )
-    diff = normalize_channels(teacher) - normalize_channels(student)
+    diff = normalize_channels(teacher.float()) - normalize_channels(student.float())
     return 0.5 * diff.pow(2).sum(dim=1)
 
 

@@ -21,6 +21,7 @@ from rstpm.decoder import ReconstructionDecoder
 from rstpm.discriminative import DiscriminativeStage
 from rstpm.fusion import NEEDS_OMEGA7, fuse, gaussian_blur
 from rstpm.losses import distance_map
+from rstpm.precision import autocast
 
 PAIR1_STRIDES = (4, 8, 16)
 T1_STRIDES = (4, 8, 16, 32)
@@ -74,6 +75,7 @@ class RSTPM(nn.Module):
         )
         self.attention = attention
         self.discriminator = discriminator
+        self.precision = "fp32"  # or "bf16": see precision.py; a runtime choice, not a weight
 
     @classmethod
     def from_config(
@@ -93,6 +95,14 @@ class RSTPM(nn.Module):
             teacher1, teacher2, student1, config.attention, config.decoder_widths, discriminator
         )
         return model, {"teacher1": info1, "teacher2": info2}
+
+    def set_precision(self, precision: str) -> RSTPM:
+        """fp32 (exact) or bf16 autocast for every network of the model (precision.py)."""
+        autocast(precision)  # validates
+        self.precision = precision
+        if self.discriminator is not None:
+            self.discriminator.precision = precision
+        return self
 
     def students(self) -> list[nn.Module]:
         """The modules trained in the first stage (students and attention)."""
@@ -114,8 +124,10 @@ class RSTPM(nn.Module):
 
     @torch.no_grad()
     def teacher_features(self, image: torch.Tensor) -> TeacherFeatures:
-        """The frozen teachers' maps of [0, 1] RGB images (cacheable: no augmentation)."""
-        return TeacherFeatures(self.teacher1(image), self.teacher2(image))
+        """The frozen teachers' maps of [0, 1] RGB images (cacheable: no augmentation), float32."""
+        with autocast(self.precision):
+            t1, t2 = self.teacher1(image), self.teacher2(image)
+        return TeacherFeatures([f.float() for f in t1], [f.float() for f in t2])
 
     def forward(
         self, image: torch.Tensor, teacher: TeacherFeatures | None = None
@@ -135,9 +147,11 @@ class RSTPM(nn.Module):
             def gate(level: int, feature: torch.Tensor) -> torch.Tensor:
                 return attention[level](feature, t1[level])
 
-        s1 = self.student1(image, gate=gate)
         t2_coarse_to_fine = teacher.t2[::-1]
-        s2 = self.student2(teacher.t1[3], t2_coarse_to_fine)
+        with autocast(self.precision):
+            s1 = self.student1(image, gate=gate)
+            s2 = self.student2(teacher.t1[3], t2_coarse_to_fine)
+        # Eq. 2 in float32 whatever the precision of the features
         pair1 = [distance_map(t, s) for t, s in zip(teacher.t1[:3], s1, strict=True)]
         pair2 = [distance_map(t, s) for t, s in zip(t2_coarse_to_fine, s2, strict=True)]
         return pair1 + pair2

@@ -98,9 +98,17 @@ def is_run(run_dir: Path) -> bool:
     return (Path(run_dir) / RUN_FILE).is_file()
 
 
-def load_run(run_dir: Path):  # -> tuple[RSTPM, Config, dict]
+def read_config(run_dir: Path) -> Config:
+    """A run's resolved Config, read without building its networks."""
+    stored = read_json(Path(run_dir) / CONFIG_FILE)
+    stored.setdefault("disc_epochs", 0)  # runs from before the discriminative stage existed
+    return Config.from_dict(stored)
+
+
+def load_run(run_dir: Path, precision: str | None = None):  # -> tuple[RSTPM, Config, dict]
     """The trained model of a run (eval mode), its config and run info.
 
+    ``precision`` (fp32 / bf16) defaults to the one the run was trained with.
     Teachers are rebuilt from the recorded source and must match the recorded sha256.
     """
     from rstpm.model import RSTPM  # local: model imports the heavy backbones
@@ -109,9 +117,7 @@ def load_run(run_dir: Path):  # -> tuple[RSTPM, Config, dict]
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} does not exist")
     info = read_json(run_dir / RUN_FILE)
-    stored = read_json(run_dir / CONFIG_FILE)
-    stored.setdefault("disc_epochs", 0)  # runs from before the discriminative stage existed
-    config = Config.from_dict(stored)
+    config = read_config(run_dir)
     recorded = info.get("teachers", {})
     model, teachers = RSTPM.from_config(config)
     for key, weights_info in teachers.items():
@@ -130,4 +136,5 @@ def load_run(run_dir: Path):  # -> tuple[RSTPM, Config, dict]
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `rstpm fit`"
         )
     model.eval()
+    model.set_precision(precision or config.precision)
     return model, config, info

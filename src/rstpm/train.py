@@ -381,6 +381,7 @@ def fit(
     generator = seed_everything(config.seed)
     started = time.perf_counter()
     model, teachers = RSTPM.from_config(config)
+    model.set_precision(config.precision)
     train_images = load_all_images(train_samples, config.image_size, progress=progress)
     val_images = load_all_images(val_samples, config.image_size, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
