@@ -1,0 +1,276 @@
+"""Speed benchmark (not a test): the naive fp32 path against the optimised paths, in ONE process.
+
+Measures, on MVTec AD bottle when ../shared/data is present (else on generated data):
+
+* the machine's matmul peak (GFLOP/s of a large fp32 and bf16 torch matmul);
+* a student-training epoch (167 images, batch 32): naive = fp32 with the teachers run at every
+  step; cached = the frozen teachers' features computed once (exact); + bf16 autocast;
+* a discriminative-stage epoch (167 images, batch 16): naive = a fresh pool of pseudo-anomalies
+  through the frozen networks every epoch and the U-Net at the input size, fp32; optimised =
+  the U-Net at a quarter of the input size, bf16, the pool refreshed every K epochs;
+* inference (images/s, batch 1 and 16) of the full map (Eq. 7): torch fp32, torch bf16, and
+  ONNX Runtime (fp32) when onnx/onnxruntime are installed; with the FLOPs of one image counted
+  by torch's FlopCounterMode and the achieved fraction of the fp32 matmul peak;
+* the peak resident memory of each phase above the process's memory before it.
+
+Epoch times are medians of a few measured steps, times the number of steps of an epoch.
+Students start random (speed does not depend on training); teachers are the real Lite weights.
+
+    python benchmarks/speed.py [--repeats 3] [--pool-refresh 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rstpm.config import Config
+from rstpm.data import list_train_samples, load_all_images
+from rstpm.focal_loss import focal_loss
+from rstpm.model import RSTPM
+from rstpm.synthesis import AnomalySource, PseudoAnomalySynthesizer
+from rstpm.synthetic import make_synthetic_category
+from rstpm.train import reduce_masks
+
+BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
+N_TRAIN = 167  # bottle's 209 normal images minus the 20 % held out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident memory while the block runs, above the memory at its start (sampled)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (allocations, oneDNN kernels)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    seconds = median_time(lambda: a @ b, 5)
+    return 2 * n**3 / seconds / 1e9
+
+
+def images_for_benchmark(image_size: int) -> tuple[torch.Tensor, str]:
+    if BOTTLE.is_dir():
+        samples = list_train_samples(BOTTLE)[:32]
+        source = f"MVTec AD bottle ({BOTTLE})"
+    else:
+        root = Path(tempfile.mkdtemp(prefix="rstpm-speed-")) / "data"
+        samples = list_train_samples(make_synthetic_category(root, n_train=32, size=image_size))
+        source = "generated synthetic data (bottle not found)"
+    return load_all_images(samples, image_size), source
+
+
+def student_step(model: RSTPM, images: torch.Tensor, cached: bool, precision: str) -> Callable:
+    parameters = [p for m in model.students() for p in m.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=0.4, momentum=0.9, weight_decay=1e-4)
+    model.set_precision(precision)
+    cache = model.teacher_features(images) if cached else None
+
+    def step() -> None:
+        model.train()
+        loss = sum(o.mean() for o in model(images, cache))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def pool_step(model: RSTPM, images: torch.Tensor, map_side: int, precision: str) -> Callable:
+    """Synthesis + frozen networks + U-Net inputs for one batch (the pool's cost)."""
+    synthesizer = PseudoAnomalySynthesizer(AnomalySource.procedural())
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        model.eval()
+        model.set_precision(precision)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            anomalous, masks = synthesizer.batch(images, generator)
+        finally:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            model.discriminator.raw_inputs(model(anomalous))
+        reduce_masks(masks, (map_side, map_side))
+
+    return step
+
+
+def unet_step(config: Config, batch: int, precision: str) -> Callable:
+    torch.manual_seed(0)
+    stage = RSTPM.from_config(
+        Config.from_dict({**config.to_dict(), "teacher_weights": ("random", "random")})
+    )[0].discriminator
+    stage.precision = precision
+    side = stage.map_size[0]
+    raw = torch.rand(batch, 3, side, side) * 0.1
+    stage.normalizer.fit(raw)
+    target = (torch.rand(batch, side, side) > 0.9).float()
+    optimizer = torch.optim.Adam(stage.unet.parameters(), lr=1e-4)
+
+    def step() -> None:
+        stage.train()
+        loss = focal_loss(stage(raw), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="rstpm speed benchmark (not a test)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pool-refresh", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-onnx", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    size, repeats = args.image_size, args.repeats
+
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    images, source = images_for_benchmark(size)
+    print(f"data: {source}, {size}x{size}, preset lite, median of {repeats} steps\n")
+
+    config = Config(preset="lite", image_size=size, disc_epochs=1)
+    torch.manual_seed(0)
+    model, _ = RSTPM.from_config(config)
+
+    # --- stage 1: students ------------------------------------------------------------------
+    steps = math.ceil(N_TRAIN / 32)
+    rows = []
+    for name, cached, precision in (
+        ("naive fp32, teachers every step", False, "fp32"),
+        ("cached teachers, fp32 (exact)", True, "fp32"),
+        ("cached teachers, bf16", True, "bf16"),
+    ):
+        with PeakMemory() as memory:
+            seconds = median_time(student_step(model, images[:32], cached, precision), repeats)
+        rows.append((name, seconds * steps, memory.mib))
+    cache_seconds = median_time(lambda: model.teacher_features(images[:32]), repeats) * steps
+    print(f"student epoch ({N_TRAIN} images, batch 32, {steps} steps):")
+    for name, seconds, mib in rows:
+        print(f"  {name:<36} {seconds:7.1f} s  x{rows[0][1] / seconds:4.1f}  peak +{mib:6.0f} MiB")
+    print(f"  (the cache itself: {cache_seconds:.1f} s once, fp32)\n")
+
+    # --- stage 2: discriminative network ------------------------------------------------------
+    steps = math.ceil(N_TRAIN / 16)
+    full = Config.from_dict({**config.to_dict(), "disc_resolution": "full"})
+    measured = {}
+    for key, cfg, precision in (("full fp32", full, "fp32"), ("quarter bf16", config, "bf16")):
+        side = cfg.disc_map_size[0]
+        pool = median_time(pool_step(model, images[:16], side, precision), repeats) * steps
+        with PeakMemory() as memory:
+            unet = median_time(unet_step(cfg, 16, precision), repeats) * steps
+        measured[key] = (pool, unet, memory.mib)
+    naive = measured["full fp32"][0] + measured["full fp32"][1]
+    pool, unet, _ = measured["quarter bf16"]
+    optimised = pool / args.pool_refresh + unet
+    print(f"discriminative epoch ({N_TRAIN} images, batch 16, {steps} steps):")
+    print(
+        f"  naive: fresh pool fp32 {measured['full fp32'][0]:.1f} s + U-Net at {size}px fp32 "
+        f"{measured['full fp32'][1]:.1f} s = {naive:.1f} s  (U-Net peak "
+        f"+{measured['full fp32'][2]:.0f} MiB)"
+    )
+    print(
+        f"  optimised: pool bf16 {pool:.1f} s / refresh {args.pool_refresh} + U-Net at "
+        f"{size // 4}px bf16 {unet:.1f} s = {optimised:.1f} s  x{naive / optimised:.1f}  "
+        f"(U-Net peak +{measured['quarter bf16'][2]:.0f} MiB)\n"
+    )
+
+    # --- inference ------------------------------------------------------------------------------
+    model.eval()
+    model.discriminator.normalizer.fit(torch.rand(2, 3, size // 4, size // 4) * 0.1)
+    model.set_precision("fp32")
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.anomaly_map(images[:1], "full", config.smoothing_sigma)
+    gflop = counter.get_total_flops() / 1e9
+    print(f"inference of the full map (Eq. 7), {gflop:.2f} GFLOP per image:")
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model.set_precision(precision)
+        for batch in (1, 16):
+            x = images[:batch]
+            with PeakMemory() as memory, torch.inference_mode():
+                seconds = median_time(
+                    lambda x=x: model.anomaly_map(x, "full", config.smoothing_sigma), repeats
+                )
+            results[(f"torch {precision}", batch)] = (batch / seconds, memory.mib)
+    model.set_precision("fp32")
+    if not args.no_onnx:
+        try:
+            from rstpm.export import AnomalyMapGraph, _session, _trace_to_onnx
+
+            onnx_bytes = _trace_to_onnx(
+                AnomalyMapGraph(model, "full", config.smoothing_sigma), size, 17
+            )
+            session = _session(onnx_bytes, torch.get_num_threads())
+            for batch in (1, 16):
+                x = images[:batch].numpy()
+                with PeakMemory() as memory:
+                    seconds = median_time(lambda x=x: session.run(None, {"image": x}), repeats)
+                results[("onnxruntime fp32", batch)] = (batch / seconds, memory.mib)
+        except ImportError as error:
+            print(f"  (ONNX Runtime skipped: {error})")
+    base = {b: results[("torch fp32", b)][0] for b in (1, 16)}
+    for (name, batch), (per_second, mib) in results.items():
+        achieved = gflop * per_second / peak32
+        print(
+            f"  {name:<18} batch {batch:>2}: {per_second:6.2f} images/s  "
+            f"x{per_second / base[batch]:4.1f}  {achieved:6.1%} of the fp32 matmul peak  "
+            f"peak +{mib:5.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
