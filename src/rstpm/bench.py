@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from rstpm.fusion import VARIANTS
 from rstpm.paper_results import FULL_BY_CATEGORY, MEAN_BY_ABLATION, MEAN_BY_VARIANT
 from rstpm.runs import (
     CONFIG_FILE,
+    LOG_FILE,
     RUN_FILE,
     atomic_write_bytes,
     atomic_write_json,
@@ -76,6 +78,17 @@ def ensure_run(
         log(f"training {run}")
     fit(config, data, run, progress=progress, log=log, students_from=students)
     return run
+
+
+def median_epoch_seconds(run: Path, stage: str, fields: Sequence[str]) -> float | None:
+    """Median over a stage's epochs (train_log.jsonl) of the sum of ``fields``: robust to the
+    odd epoch slowed by other work on a shared machine."""
+    path = Path(run) / LOG_FILE
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = [sum(r[f] for f in fields) for r in records if r.get("stage", "students") == stage]
+    return float(statistics.median(values)) if values else None
 
 
 def _cell(value: float | None) -> str:
@@ -134,7 +147,7 @@ def render_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "",
         "## Training time",
         "",
-        "| category | configuration | student s/epoch | discriminative s/epoch |",
+        "| category | configuration | student s/epoch (median) | discriminative s/epoch (median) |",
         "|---|---|---|---|",
     ]
     seen = set()
@@ -181,14 +194,11 @@ def bench(
                 if done
                 else test_variants(run, data, variants, outs, progress=progress)
             )
-            students_info = info
-            if "students_from" in info:
-                students_info = read_json(Path(info["students_from"]) / RUN_FILE)
-            disc_seconds = None
-            if "disc_mean_epoch_unet_seconds" in info:
-                disc_seconds = (
-                    info["disc_mean_epoch_unet_seconds"] + info["disc_mean_epoch_synthesis_seconds"]
-                )
+            students_run = Path(info.get("students_from", run))
+            student_seconds = median_epoch_seconds(students_run, "students", ("train_seconds",))
+            disc_seconds = median_epoch_seconds(
+                run, "discriminative", ("synthesis_seconds", "unet_seconds")
+            )
             for variant, result in zip(variants, results, strict=True):
                 rows.append(
                     {
@@ -197,7 +207,7 @@ def bench(
                         "variant": variant,
                         "run": str(run),
                         "ours": _ours(result),
-                        "student_s_per_epoch": students_info.get("mean_epoch_train_seconds"),
+                        "student_s_per_epoch": student_seconds,
                         "disc_s_per_epoch": disc_seconds,
                     }
                 )
