@@ -11,22 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import torch
+from speed import median_time  # benchmarks/speed.py, next to this script
 
 from rstpm.discriminative import DiscriminativeStage
 from rstpm.focal_loss import focal_loss
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(side: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -49,7 +39,7 @@ def measure(side: int, batch: int, repeats: int) -> tuple[float, float]:
         with torch.inference_mode():
             stage(raw)
 
-    return median_seconds(train_step, repeats), median_seconds(infer, repeats)
+    return median_time(train_step, repeats), median_time(infer, repeats)
 
 
 def main() -> None:
