@@ -28,7 +28,7 @@ from rstpm.data import (
     load_mask,
     make_loader,
 )
-from rstpm.fusion import NEEDS_OMEGA7, VARIANTS, fuse, gaussian_blur, resize_map
+from rstpm.fusion import check_variant, resize_map
 from rstpm.metrics import evaluate
 from rstpm.model import RSTPM
 from rstpm.runs import atomic_write_bytes, atomic_write_json, load_run, read_config
@@ -60,21 +60,10 @@ BatchMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 def torch_backend(model: RSTPM, variants: Sequence[str], smoothing_sigma: float) -> BatchMaps:
     """The torch backend: every variant of a batch from ONE forward pass of the model."""
     for variant in variants:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        if variant in NEEDS_OMEGA7 and model.discriminator is None:
-            raise ValueError(
-                f"variant {variant!r} needs the discriminative network, which this run has not "
-                "trained (--disc-epochs 0); use --variant st or stpm"
-            )
+        check_variant(variant, model.discriminator is not None)
 
     def batch_maps(image: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = tuple(image.shape[-2:])
-        omegas = model(image)
-        omega7 = None
-        if any(v in NEEDS_OMEGA7 for v in variants):
-            omega7 = model.discriminator.omega7(omegas, size)
-        return {v: gaussian_blur(fuse(v, omegas, size, omega7), smoothing_sigma) for v in variants}
+        return model.variant_maps(image, variants, smoothing_sigma)
 
     return batch_maps
 

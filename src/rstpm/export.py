@@ -40,7 +40,7 @@ from torch import nn
 
 from rstpm import __version__
 from rstpm.config import Config
-from rstpm.fusion import NEEDS_OMEGA7, VARIANTS
+from rstpm.fusion import check_variant
 from rstpm.runs import (
     WEIGHTS_FILE,
     RunError,
@@ -112,20 +112,12 @@ def parity_bound(reference: np.ndarray) -> float:
     return max(PARITY_RTOL * peak, PARITY_FLOOR)
 
 
-def _needs_disc_error(variant: str) -> ValueError:
-    return ValueError(
-        f"variant {variant!r} needs the discriminative network, which this run has not trained "
-        "(--disc-epochs 0); use --variant st or stpm"
-    )
-
-
 class AnomalyMapGraph(nn.Module):
     """What the ONNX graph computes: ``RSTPM.anomaly_map`` of one variant and its max."""
 
     def __init__(self, model: nn.Module, variant: str, smoothing_sigma: float) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        check_variant(variant, True)  # Omega^7's presence is checked by export_onnx
         self.model = model
         self.variant = variant
         self.smoothing_sigma = float(smoothing_sigma)
@@ -238,10 +230,7 @@ def export_onnx(
     run_dir = Path(run_dir)
     model, config, _ = load_run(run_dir, precision="fp32")  # the graph is exported in fp32
     variant = variant or default_variant(model)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if variant in NEEDS_OMEGA7 and model.discriminator is None:
-        raise _needs_disc_error(variant)
+    check_variant(variant, model.discriminator is not None)
     out = Path(out) if out is not None else default_onnx_path(run_dir, variant)
     size, sigma = config.image_size, config.smoothing_sigma
     graph = AnomalyMapGraph(model, variant, sigma).eval()
@@ -362,10 +351,8 @@ def onnx_backend(
     """
     run_dir = Path(run_dir)
     for variant in variants:
-        if variant is not None and variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        if variant in NEEDS_OMEGA7 and config.disc_epochs <= 0:
-            raise _needs_disc_error(variant)
+        if variant is not None:
+            check_variant(variant, config.disc_epochs > 0)
     if onnx_path is None:
         wanted = sorted({v or config_default_variant(config) for v in variants})
         if len(wanted) != 1:

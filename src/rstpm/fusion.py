@@ -53,6 +53,17 @@ def fuse_stpm(omegas: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Te
     return first * second * third
 
 
+def check_variant(variant: str, has_discriminator: bool) -> None:
+    """A clear error for an unknown variant, or one that needs a missing Omega^7."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant in NEEDS_OMEGA7 and not has_discriminator:
+        raise ValueError(
+            f"variant {variant!r} needs the discriminative network, which this run has not "
+            "trained (--disc-epochs 0); use --variant st or stpm"
+        )
+
+
 def fuse_full(
     omegas: Sequence[torch.Tensor], omega7: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:

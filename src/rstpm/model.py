@@ -9,6 +9,7 @@ No training loop lives here (see train.py); the teachers stay frozen in eval mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from rstpm.backbones import RANDOM, FeaturePyramid, WeightsInfo, build_pyramid, 
 from rstpm.config import Config
 from rstpm.decoder import ReconstructionDecoder
 from rstpm.discriminative import DiscriminativeStage
-from rstpm.fusion import NEEDS_OMEGA7, fuse, gaussian_blur
+from rstpm.fusion import NEEDS_OMEGA7, check_variant, fuse, gaussian_blur
 from rstpm.losses import distance_map
 from rstpm.precision import autocast
 
@@ -157,18 +158,22 @@ class RSTPM(nn.Module):
         return pair1 + pair2
 
     @torch.inference_mode()
-    def anomaly_map(
-        self, image: torch.Tensor, variant: str = "full", smoothing_sigma: float = 0.0
-    ) -> torch.Tensor:
-        """The (B, H, W) anomaly map of a variant (fusion.VARIANTS) at the input's resolution."""
+    def variant_maps(
+        self, image: torch.Tensor, variants: Sequence[str], smoothing_sigma: float = 0.0
+    ) -> dict[str, torch.Tensor]:
+        """The (B, H, W) maps of several variants (fusion.VARIANTS) at the input's resolution,
+        from ONE forward pass."""
+        for variant in variants:
+            check_variant(variant, self.discriminator is not None)
         size = tuple(image.shape[-2:])
         omegas = self(image)
         omega7 = None
-        if variant in NEEDS_OMEGA7:
-            if self.discriminator is None:
-                raise ValueError(
-                    f"variant {variant!r} needs the discriminative network, which this run has "
-                    "not trained (--disc-epochs 0); use --variant st or stpm"
-                )
+        if any(v in NEEDS_OMEGA7 for v in variants):
             omega7 = self.discriminator.omega7(omegas, size)
-        return gaussian_blur(fuse(variant, omegas, size, omega7), smoothing_sigma)
+        return {v: gaussian_blur(fuse(v, omegas, size, omega7), smoothing_sigma) for v in variants}
+
+    def anomaly_map(
+        self, image: torch.Tensor, variant: str = "full", smoothing_sigma: float = 0.0
+    ) -> torch.Tensor:
+        """The (B, H, W) anomaly map of one variant at the input's resolution."""
+        return self.variant_maps(image, [variant], smoothing_sigma)[variant]
