@@ -4,11 +4,14 @@ Measures, on MVTec AD bottle when ../shared/data is present (else on generated d
 
 * the machine's matmul peak (GFLOP/s of a large fp32 and bf16 torch matmul);
 * a student-training epoch (167 images, batch 32): naive = fp32 with the teachers run at every
-  step; cached = the frozen teachers' features computed once (exact); + bf16 autocast;
+  step; cached = the frozen teachers' features computed once (exact); + bf16 autocast and the
+  channels-last layout;
 * a discriminative-stage epoch (167 images, batch 16): naive = a fresh pool of pseudo-anomalies
   through the frozen networks every epoch and the U-Net at the input size, fp32; optimised =
-  the U-Net at a quarter of the input size, bf16, the pool refreshed every K epochs;
-* inference (images/s, batch 1 and 16) of the full map (Eq. 7): torch fp32, torch bf16, and
+  the U-Net at a quarter of the input size, bf16 + channels-last, the pool refreshed every K
+  epochs;
+* inference (images/s, batch 1 and 16) of the full map (Eq. 7): torch fp32 (naive), torch
+  bf16 + channels-last, and
   ONNX Runtime (fp32) when onnx/onnxruntime are installed; with the FLOPs of one image counted
   by torch's FlopCounterMode and the achieved fraction of the fp32 matmul peak;
 * the peak resident memory of each phase above the process's memory before it.
@@ -103,10 +106,13 @@ def images_for_benchmark(image_size: int) -> tuple[torch.Tensor, str]:
     return load_all_images(samples, image_size), source
 
 
-def student_step(model: RSTPM, images: torch.Tensor, cached: bool, precision: str) -> Callable:
+def student_step(
+    model: RSTPM, images: torch.Tensor, cached: bool, precision: str, channels_last: bool
+) -> Callable:
     parameters = [p for m in model.students() for p in m.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=0.4, momentum=0.9, weight_decay=1e-4)
     model.set_precision(precision)
+    model.set_channels_last(channels_last)
     cache = model.teacher_features(images) if cached else None
 
     def step() -> None:
@@ -119,7 +125,9 @@ def student_step(model: RSTPM, images: torch.Tensor, cached: bool, precision: st
     return step
 
 
-def pool_step(model: RSTPM, images: torch.Tensor, map_side: int, precision: str) -> Callable:
+def pool_step(
+    model: RSTPM, images: torch.Tensor, map_side: int, precision: str, channels_last: bool
+) -> Callable:
     """Synthesis + frozen networks + U-Net inputs for one batch (the pool's cost)."""
     synthesizer = PseudoAnomalySynthesizer(AnomalySource.procedural())
     generator = torch.Generator().manual_seed(0)
@@ -127,6 +135,7 @@ def pool_step(model: RSTPM, images: torch.Tensor, map_side: int, precision: str)
     def step() -> None:
         model.eval()
         model.set_precision(precision)
+        model.set_channels_last(channels_last)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -140,12 +149,13 @@ def pool_step(model: RSTPM, images: torch.Tensor, map_side: int, precision: str)
     return step
 
 
-def unet_step(config: Config, batch: int, precision: str) -> Callable:
+def unet_step(config: Config, batch: int, precision: str, channels_last: bool) -> Callable:
     torch.manual_seed(0)
-    stage = RSTPM.from_config(
+    model = RSTPM.from_config(
         Config.from_dict({**config.to_dict(), "teacher_weights": ("random", "random")})
-    )[0].discriminator
-    stage.precision = precision
+    )[0]
+    model.set_precision(precision).set_channels_last(channels_last)
+    stage = model.discriminator
     side = stage.map_size[0]
     raw = torch.rand(batch, 3, side, side) * 0.1
     stage.normalizer.fit(raw)
@@ -189,29 +199,35 @@ def main() -> None:
     # --- stage 1: students ------------------------------------------------------------------
     steps = math.ceil(N_TRAIN / 32)
     rows = []
-    for name, cached, precision in (
-        ("naive fp32, teachers every step", False, "fp32"),
-        ("cached teachers, fp32 (exact)", True, "fp32"),
-        ("cached teachers, bf16", True, "bf16"),
+    for name, cached, precision, channels_last in (
+        ("naive fp32, teachers every step", False, "fp32", False),
+        ("cached teachers, fp32 (exact)", True, "fp32", False),
+        ("cached teachers, bf16 + channels-last", True, "bf16", True),
     ):
+        step = student_step(model, images[:32], cached, precision, channels_last)
         with PeakMemory() as memory:
-            seconds = median_time(student_step(model, images[:32], cached, precision), repeats)
+            seconds = median_time(step, repeats)
         rows.append((name, seconds * steps, memory.mib))
+    model.set_precision("fp32").set_channels_last(False)
     cache_seconds = median_time(lambda: model.teacher_features(images[:32]), repeats) * steps
     print(f"student epoch ({N_TRAIN} images, batch 32, {steps} steps):")
     for name, seconds, mib in rows:
-        print(f"  {name:<36} {seconds:7.1f} s  x{rows[0][1] / seconds:4.1f}  peak +{mib:6.0f} MiB")
+        print(f"  {name:<38} {seconds:7.1f} s  x{rows[0][1] / seconds:4.1f}  peak +{mib:6.0f} MiB")
     print(f"  (the cache itself: {cache_seconds:.1f} s once, fp32)\n")
 
     # --- stage 2: discriminative network ------------------------------------------------------
     steps = math.ceil(N_TRAIN / 16)
     full = Config.from_dict({**config.to_dict(), "disc_resolution": "full"})
     measured = {}
-    for key, cfg, precision in (("full fp32", full, "fp32"), ("quarter bf16", config, "bf16")):
+    for key, cfg, precision, cl in (
+        ("full fp32", full, "fp32", False),
+        ("quarter bf16", config, "bf16", True),
+    ):
         side = cfg.disc_map_size[0]
-        pool = median_time(pool_step(model, images[:16], side, precision), repeats) * steps
+        pool = median_time(pool_step(model, images[:16], side, precision, cl), repeats) * steps
+        step = unet_step(cfg, 16, precision, cl)
         with PeakMemory() as memory:
-            unet = median_time(unet_step(cfg, 16, precision), repeats) * steps
+            unet = median_time(step, repeats) * steps
         measured[key] = (pool, unet, memory.mib)
     naive = measured["full fp32"][0] + measured["full fp32"][1]
     pool, unet, _ = measured["quarter bf16"]
@@ -231,22 +247,26 @@ def main() -> None:
     # --- inference ------------------------------------------------------------------------------
     model.eval()
     model.discriminator.normalizer.fit(torch.rand(2, 3, size // 4, size // 4) * 0.1)
-    model.set_precision("fp32")
+    model.set_precision("fp32").set_channels_last(False)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model.anomaly_map(images[:1], "full", config.smoothing_sigma)
     gflop = counter.get_total_flops() / 1e9
     print(f"inference of the full map (Eq. 7), {gflop:.2f} GFLOP per image:")
     results = {}
-    for precision in ("fp32", "bf16"):
-        model.set_precision(precision)
+    for name, precision, cl in (
+        ("torch fp32", "fp32", False),
+        ("torch fp32 + CL", "fp32", True),
+        ("torch bf16 + CL", "bf16", True),
+    ):
+        model.set_precision(precision).set_channels_last(cl)
         for batch in (1, 16):
             x = images[:batch]
             with PeakMemory() as memory, torch.inference_mode():
                 seconds = median_time(
                     lambda x=x: model.anomaly_map(x, "full", config.smoothing_sigma), repeats
                 )
-            results[(f"torch {precision}", batch)] = (batch / seconds, memory.mib)
-    model.set_precision("fp32")
+            results[(name, batch)] = (batch / seconds, memory.mib)
+    model.set_precision("fp32").set_channels_last(False)
     if not args.no_onnx:
         try:
             from rstpm.export import AnomalyMapGraph, _session, _trace_to_onnx

@@ -185,7 +185,7 @@ def test_variants_need_a_discriminative_net(
         ["--teacher2", "small"],
         ["--disc-resolution", "full"],
         ["--disc-pool-refresh", "2", "--anomaly-source", "TEXTURES"],
-        ["--precision", "bf16"],
+        ["--precision", "bf16", "--channels-last"],
     ],
 )
 def test_every_ablation_flag_builds_and_trains(
@@ -202,6 +202,7 @@ def test_every_ablation_flag_builds_and_trains(
         assert config["teacher2"] == config["teacher1"] == "tf_efficientnet_lite0"
     if "--attention" in flags:
         assert config["attention"] == flags[1]
+    assert config["channels_last"] == ("--channels-last" in flags)
     out = tmp_path / "test"
     args = ["test", "--run", str(run), "--data", str(synthetic_category), "--out", str(out)]
     assert main([*args, "--quiet"]) == 0

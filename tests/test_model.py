@@ -256,3 +256,39 @@ def test_bf16_precision_keeps_maps_close_and_float32() -> None:
         assert (a - b).abs().max() <= 0.05 * a.abs().max() + 1e-3
     with pytest.raises(ValueError, match="precision"):
         model.set_precision("fp16")
+
+
+def test_channels_last_gives_close_maps_and_gradients_and_plain_weights() -> None:
+    torch.manual_seed(0)
+    config = Config(
+        preset="lite", image_size=64, disc_epochs=1, teacher_weights=("random", "random")
+    )
+    model, _ = RSTPM.from_config(config)
+    model.discriminator.normalizer.fit(torch.rand(2, 3, 16, 16))
+    image = torch.rand(2, 3, 64, 64)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def maps_and_grads() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model.load_state_dict(initial)  # the train-mode forward moves BatchNorm's statistics
+        model.zero_grad(set_to_none=True)
+        model.train()
+        omegas = model(image)
+        sum(o.mean() for o in omegas).backward()
+        model.eval()
+        final = model.anomaly_map(image, "full")
+        grads = [p.grad.clone() for m in model.students() for p in m.parameters()]
+        return [o.detach() for o in omegas] + [final], grads
+
+    plain_maps, plain_grads = maps_and_grads()
+    model.set_channels_last(True)
+    weight = model.student1.state_dict()[next(iter(model.student1.state_dict()))]
+    assert weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    fast_maps, fast_grads = maps_and_grads()
+    for a, b in zip(plain_maps, fast_maps, strict=True):  # forward: float32 rounding only
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(plain_grads, fast_grads, strict=True):  # backward: see set_channels_last
+        assert float((b - a).norm()) <= 0.03 * float(a.norm()) + 1e-7
+    model.set_channels_last(False)
+    assert all(
+        p.is_contiguous() for p in model.parameters()
+    ), "switching back restores the plain layout"

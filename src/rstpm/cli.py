@@ -43,6 +43,11 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="bf16: autocast convolutions to bfloat16 (faster on AVX-512 BF16 CPUs, not exact)",
     )
     parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NHWC memory layout: faster convolutions on CPUs, not bit-exact",
+    )
+    parser.add_argument(
         "--teacher2",
         default="",
         help="T2's timm architecture; 'small' = T1's (Table III's ablation)",
@@ -157,6 +162,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         cache_teacher_features=not args.no_cache,
         teacher2=args.teacher2,
         precision=args.precision,
+        channels_last=args.channels_last,
         disc_epochs=args.disc_epochs,
         disc_lr=args.disc_lr,
         disc_batch_size=args.disc_batch_size,

@@ -39,6 +39,7 @@ class Config:
     smoothing_sigma: float = 4.0  # Gaussian blur of the final map, in input pixels (0: off)
     cache_teacher_features: bool = True
     precision: str = "fp32"  # fp32 (exact) | bf16 (autocast, see precision.py)
+    channels_last: bool = False  # NHWC layout: faster on CPUs, not bit-exact (model.py)
     # The discriminative stage (method.md section 3): trained after the students, both frozen.
     disc_epochs: int = 300  # 0: no discriminative network (variants stpm and st only)
     disc_lr: float = 1e-4  # Adam

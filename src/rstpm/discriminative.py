@@ -288,6 +288,7 @@ class DiscriminativeStage(nn.Module):
         self.normalizer = InputNormalizer(3)
         self.unet = DiscriminativeUNet(3, base_width, depth=unet_depth(min(self.map_size)))
         self.precision = "fp32"  # set by RSTPM.set_precision
+        self.channels_last = False  # set by RSTPM.set_channels_last
 
     def raw_inputs(self, omegas: list[torch.Tensor]) -> torch.Tensor:
         """(B, 3, h, w): [Omega^1 + Omega^6, Omega^2 + Omega^5, Omega^3 + Omega^4] at map_size."""
@@ -300,6 +301,8 @@ class DiscriminativeStage(nn.Module):
         from rstpm.precision import autocast
 
         scaled = self.normalizer(raw_inputs)
+        if self.channels_last:
+            scaled = scaled.contiguous(memory_format=torch.channels_last)
         with autocast(self.precision):
             return self.unet(scaled).float()
 

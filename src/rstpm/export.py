@@ -229,6 +229,7 @@ def export_onnx(
     ort = _require("onnxruntime")
     run_dir = Path(run_dir)
     model, config, _ = load_run(run_dir, precision="fp32")  # the graph is exported in fp32
+    model.set_channels_last(False)  # ONNX Runtime picks its own layouts
     variant = variant or default_variant(model)
     check_variant(variant, model.discriminator is not None)
     out = Path(out) if out is not None else default_onnx_path(run_dir, variant)

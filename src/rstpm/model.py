@@ -77,6 +77,7 @@ class RSTPM(nn.Module):
         self.attention = attention
         self.discriminator = discriminator
         self.precision = "fp32"  # or "bf16": see precision.py; a runtime choice, not a weight
+        self.channels_last = False  # memory layout of activations: see set_channels_last
 
     @classmethod
     def from_config(
@@ -105,6 +106,24 @@ class RSTPM(nn.Module):
             self.discriminator.precision = precision
         return self
 
+    def set_channels_last(self, enabled: bool) -> RSTPM:
+        """Channels-last (NHWC) memory layout of every convolution's weights and inputs.
+
+        oneDNN's convolutions are faster in it on a CPU, most of all with bf16
+        (benchmarks/speed.py). Forward maps match NCHW to float32 rounding, but some fp32
+        backward kernels are less precise in it (student gradients ~1e-3 from a float64
+        reference against ~3e-6 for NCHW on the 2-core EPYC), so it is a switch, off by
+        default. A runtime choice, not a weight: saved weights are plain tensors."""
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        self.to(memory_format=layout)
+        self.channels_last = enabled
+        if self.discriminator is not None:
+            self.discriminator.channels_last = enabled
+        return self
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def students(self) -> list[nn.Module]:
         """The modules trained in the first stage (students and attention)."""
         return [m for m in (self.student1, self.student2, self.pair1_attention) if m is not None]
@@ -126,6 +145,7 @@ class RSTPM(nn.Module):
     @torch.no_grad()
     def teacher_features(self, image: torch.Tensor) -> TeacherFeatures:
         """The frozen teachers' maps of [0, 1] RGB images (cacheable: no augmentation), float32."""
+        image = self._layout(image)
         with autocast(self.precision):
             t1, t2 = self.teacher1(image), self.teacher2(image)
         return TeacherFeatures([f.float() for f in t1], [f.float() for f in t2])
@@ -150,8 +170,8 @@ class RSTPM(nn.Module):
 
         t2_coarse_to_fine = teacher.t2[::-1]
         with autocast(self.precision):
-            s1 = self.student1(image, gate=gate)
-            s2 = self.student2(teacher.t1[3], t2_coarse_to_fine)
+            s1 = self.student1(self._layout(image), gate=gate)
+            s2 = self.student2(self._layout(teacher.t1[3]), t2_coarse_to_fine)
         # Eq. 2 in float32 whatever the precision of the features
         pair1 = [distance_map(t, s) for t, s in zip(teacher.t1[:3], s1, strict=True)]
         pair2 = [distance_map(t, s) for t, s in zip(t2_coarse_to_fine, s2, strict=True)]

@@ -137,4 +137,5 @@ def load_run(run_dir: Path, precision: str | None = None):  # -> tuple[RSTPM, Co
         )
     model.eval()
     model.set_precision(precision or config.precision)
+    model.set_channels_last(config.channels_last)
     return model, config, info

@@ -382,6 +382,7 @@ def fit(
     started = time.perf_counter()
     model, teachers = RSTPM.from_config(config)
     model.set_precision(config.precision)
+    model.set_channels_last(config.channels_last)
     train_images = load_all_images(train_samples, config.image_size, progress=progress)
     val_images = load_all_images(val_samples, config.image_size, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
