@@ -289,6 +289,6 @@ def test_channels_last_gives_close_maps_and_gradients_and_plain_weights() -> Non
     for a, b in zip(plain_grads, fast_grads, strict=True):  # backward: see set_channels_last
         assert float((b - a).norm()) <= 0.03 * float(a.norm()) + 1e-7
     model.set_channels_last(False)
-    assert all(
-        p.is_contiguous() for p in model.parameters()
-    ), "switching back restores the plain layout"
+    assert all(p.is_contiguous() for p in model.parameters()), (
+        "switching back restores the plain layout"
+    )
