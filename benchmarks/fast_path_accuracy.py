@@ -83,7 +83,8 @@ def main() -> None:
     if args.only:
         return
     print(
-        f"\n{args.data.name}, lite, {args.image_size}px, seed {args.seed}, students {args.epochs} epochs, "
+        f"\n{args.data.name}, lite, {args.image_size}px, seed {args.seed}, "
+        f"students {args.epochs} epochs, "
         f"U-Net {args.disc_epochs} epochs, {torch.get_num_threads()} threads; "
         f"optimised = bf16 + channels-last + pool refresh {args.pool_refresh}\n"
     )
