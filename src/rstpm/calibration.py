@@ -1,0 +1,214 @@
+"""Thresholds an inspector can trust without labelled defects, and normalised scores.
+
+Calibration (``rstpm fit``, ``rstpm threshold``) uses normal images only: the held-out 20 % of
+the training normals, which the students never trained on. For a target false-alarm rate r:
+
+* image threshold = the (1 - r) quantile of the normal images' scores (max of the map);
+* pixel threshold = the (1 - r_pixel) quantile of all their map values.
+
+Scores are normalised to [0, 1] with the threshold at exactly 0.5 by a logistic curve,
+``n(x) = 1 / (1 + exp(-(x - threshold) / scale))`` whose scale puts the median normal value at
+0.1 (``scale = (threshold - median) / ln 9``). It is monotonic, so verdicts and AUROCs are
+unchanged, and reversible: the raw value, the threshold and the scale are all kept in
+``RUN/thresholds.json`` (per variant) and can be recalibrated at any time from the stored normal
+statistics or from a labelled set (F1-optimal), never baked into weights or exports.
+
+Caveat, stated in the README: the held-out normals also pick the student checkpoint (lowest mean
+score), so their scores are slightly optimistic and the realised false-alarm rate on new normal
+images can exceed the target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+THRESHOLDS_FILE = "thresholds.json"
+DEFAULT_FALSE_ALARM_RATE = 0.01
+DEFAULT_PIXEL_FALSE_ALARM_RATE = 0.001
+# upper-tail probabilities at which normal pixel values are stored (recalibration without
+# re-running the networks): log-spaced from 1e-6 to 0.5
+TAIL_PROBABILITIES = np.geomspace(1e-6, 0.5, 400)
+
+
+class CalibrationError(ValueError):
+    """Calibration is impossible with the given data (too few images, bad rate...)."""
+
+
+def check_rate(rate: float, what: str = "--false-alarm-rate") -> float:
+    if not 0.0 < rate < 0.5:
+        raise CalibrationError(f"{what} must lie in (0, 0.5), got {rate}")
+    return float(rate)
+
+
+def threshold_at_rate(values: np.ndarray, rate: float) -> float:
+    """The (1 - rate) quantile of normal ``values`` such that a NEW normal value exceeds it with
+    probability ``rate`` on average: the order statistic at position (1 - rate)(n + 1)
+    (Weibull plotting position, linear between neighbours). Plain linear interpolation is
+    biased low in the tail of small sets (42 normals, target 5 %: 7 % realised). Below
+    1 / (n + 1) the target cannot be met: the maximum is returned (``achievable_rate``)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise CalibrationError("no normal values to calibrate on")
+    return float(np.quantile(values, 1.0 - check_rate(rate), method="weibull"))
+
+
+def achievable_rate(n: int) -> float:
+    """The lowest expected false-alarm rate a threshold from n normal scores can promise."""
+    return 1.0 / (n + 1)
+
+
+def logistic_scale(threshold: float, median: float) -> float:
+    """The scale that maps ``median`` to 0.1 and ``threshold`` to 0.5."""
+    gap = threshold - median
+    if not gap > 0:  # degenerate (constant scores): any positive scale keeps the order
+        gap = max(abs(threshold), 1e-12) * 0.1
+    return gap / math.log(9.0)
+
+
+@dataclass
+class Threshold:
+    """One calibrated threshold on raw values and the logistic normalisation around it."""
+
+    value: float  # raw score (or pixel value) at the threshold
+    scale: float  # normalised = 1 / (1 + exp(-(raw - value) / scale))
+    source: str  # how it was chosen, in words
+    false_alarm_rate: float | None = None  # target rate on normals (None: from labels)
+
+    def normalise(self, raw: np.ndarray | float) -> np.ndarray | float:
+        """Normalised score(s) in [0, 1], 0.5 at the threshold."""
+        z = (np.asarray(raw, dtype=np.float64) - self.value) / self.scale
+        out = 0.5 * (1.0 + np.tanh(0.5 * z))  # = logistic(z), without overflow
+        return float(out) if np.ndim(out) == 0 else out.astype(np.float32)
+
+
+@dataclass
+class NormalStatistics:
+    """What calibration needs from the held-out normal images of one variant."""
+
+    image_scores: list[float]
+    pixel_median: float
+    pixel_tail: list[float]  # normal pixel values at the upper-tail TAIL_PROBABILITIES
+
+    @classmethod
+    def from_maps(cls, maps: Sequence[np.ndarray]) -> NormalStatistics:
+        if len(maps) == 0:
+            raise CalibrationError("no held-out normal images to calibrate on")
+        pixels = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+        tail = np.quantile(pixels, 1.0 - TAIL_PROBABILITIES)
+        return cls(
+            image_scores=[float(np.max(m)) for m in maps],
+            pixel_median=float(np.median(pixels)),
+            pixel_tail=[float(v) for v in tail],
+        )
+
+    def pixel_threshold(self, rate: float) -> float:
+        """The normal pixel value exceeded by a fraction ``rate`` (log-interpolated table)."""
+        rate = check_rate(rate, "--pixel-false-alarm-rate")
+        if rate < TAIL_PROBABILITIES[0]:
+            raise CalibrationError(f"pixel rate {rate} below {TAIL_PROBABILITIES[0]}")
+        return float(np.interp(np.log(rate), np.log(TAIL_PROBABILITIES), self.pixel_tail))
+
+
+@dataclass
+class Thresholds:
+    """The image and pixel thresholds of one variant of a run."""
+
+    variant: str
+    image: Threshold
+    pixel: Threshold
+    normals: NormalStatistics
+
+    @classmethod
+    def from_normals(
+        cls,
+        variant: str,
+        normals: NormalStatistics,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        pixel_false_alarm_rate: float = DEFAULT_PIXEL_FALSE_ALARM_RATE,
+    ) -> Thresholds:
+        """Thresholds at target false-alarm rates on normal images (the default)."""
+        n = len(normals.image_scores)
+        image_value = threshold_at_rate(np.asarray(normals.image_scores), false_alarm_rate)
+        pixel_value = normals.pixel_threshold(pixel_false_alarm_rate)
+        median_score = float(np.median(normals.image_scores))
+        note = ""
+        if false_alarm_rate < achievable_rate(n):
+            least = achievable_rate(n)
+            note = f" (= their maximum: {n} images cannot promise less than {least:.3g})"
+        return cls(
+            variant=variant,
+            image=Threshold(
+                image_value,
+                logistic_scale(image_value, median_score),
+                f"{1 - false_alarm_rate:.4g} quantile of {n} held-out normal image scores{note}",
+                false_alarm_rate,
+            ),
+            pixel=Threshold(
+                pixel_value,
+                logistic_scale(pixel_value, normals.pixel_median),
+                f"{1 - pixel_false_alarm_rate:.6g} quantile of the pixels of {n} held-out "
+                "normal images",
+                pixel_false_alarm_rate,
+            ),
+            normals=normals,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Thresholds:
+        return cls(
+            variant=data["variant"],
+            image=Threshold(**data["image"]),
+            pixel=Threshold(**data["pixel"]),
+            normals=NormalStatistics(**data["normals"]),
+        )
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The threshold (``score >= t`` is anomalous) with the best F1 on a labelled set, as the
+    midpoint between the chosen score and the next lower one; returns (threshold, F1)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).astype(bool).ravel()
+    if scores.size != labels.size or not labels.any():
+        raise CalibrationError("F1 calibration needs scores with at least one anomalous label")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    last = np.r_[s[1:] != s[:-1], True]  # one candidate per distinct score (ties together)
+    tp, fp, cut = tp[last], fp[last], np.flatnonzero(last)
+    f1 = 2 * tp / (2 * tp + fp + (labels.sum() - tp))
+    best = int(np.argmax(f1))
+    lower = s[cut[best] + 1] if cut[best] + 1 < s.size else s[cut[best]] - 1e-6
+    return float(0.5 * (s[cut[best]] + lower)), float(f1[best])
+
+
+def save_thresholds(run_dir: Path, thresholds: dict[str, Thresholds]) -> None:
+    from rstpm.runs import atomic_write_json
+
+    atomic_write_json(
+        Path(run_dir) / THRESHOLDS_FILE, {k: v.to_dict() for k, v in thresholds.items()}
+    )
+
+
+def load_thresholds(run_dir: Path) -> dict[str, Thresholds]:
+    """The run's thresholds per variant ({} for a run without calibration)."""
+    path = Path(run_dir) / THRESHOLDS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {k: Thresholds.from_dict(v) for k, v in data.items()}
+    except (ValueError, KeyError, TypeError) as error:
+        raise CalibrationError(
+            f"{path} is damaged ({error}); re-create it with `rstpm threshold --run {run_dir}`"
+        ) from error

@@ -1,0 +1,121 @@
+"""Threshold calibration on normal images only, normalised scores, F1-optimal thresholds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rstpm.calibration import (
+    CalibrationError,
+    NormalStatistics,
+    Threshold,
+    Thresholds,
+    f1_optimal_threshold,
+    load_thresholds,
+    save_thresholds,
+    threshold_at_rate,
+)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.2])
+@pytest.mark.parametrize("distribution", ["normal", "gamma"])
+def test_target_false_alarm_rate_is_met_on_fresh_normals(rate: float, distribution: str) -> None:
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> np.ndarray:
+        if distribution == "normal":
+            return rng.normal(1.0, 0.2, n)
+        return rng.gamma(2.0, 0.5, n)
+
+    threshold = threshold_at_rate(draw(20_000), rate)
+    fresh = draw(200_000)
+    realised = float(np.mean(fresh > threshold))
+    # sampling error of the calibration quantile (n = 20000) plus of the check (n = 200000)
+    sigma = math.sqrt(rate * (1 - rate) * (1 / 20_000 + 1 / 200_000))
+    assert abs(realised - rate) < 4 * sigma
+
+
+def test_small_calibration_sets_still_bound_the_rate_on_average() -> None:
+    # 42 held-out images as on bottle: over many draws the mean realised rate is near the target
+    rng = np.random.default_rng(1)
+    rates = []
+    for _ in range(400):
+        threshold = threshold_at_rate(rng.normal(size=42), 0.05)
+        rates.append(np.mean(rng.normal(size=5_000) > threshold))
+    assert abs(np.mean(rates) - 0.05) < 0.005  # sd of the mean ~0.0015
+
+
+def test_a_rate_below_one_over_n_plus_one_takes_the_maximum_and_says_so() -> None:
+    stats = NormalStatistics.from_maps([np.full((4, 4), float(i)) for i in range(42)])
+    t = Thresholds.from_normals("st", stats, false_alarm_rate=0.01)
+    assert t.image.value == 41.0
+    assert "cannot promise less than 0.0233" in t.image.source
+
+
+def test_normalisation_puts_threshold_at_half_median_at_point_one_and_is_monotonic() -> None:
+    rng = np.random.default_rng(2)
+    maps = [rng.gamma(2.0, 0.5, (16, 16)).astype(np.float32) for _ in range(50)]
+    stats = NormalStatistics.from_maps(maps)
+    t = Thresholds.from_normals("st", stats, false_alarm_rate=0.02, pixel_false_alarm_rate=0.01)
+    assert t.image.normalise(t.image.value) == pytest.approx(0.5)
+    assert t.image.normalise(np.median(stats.image_scores)) == pytest.approx(0.1, abs=1e-6)
+    assert t.pixel.normalise(t.pixel.value) == pytest.approx(0.5)
+    xs = np.linspace(-100, 100, 2001)
+    n = t.image.normalise(xs)
+    assert np.all(np.diff(n) >= 0) and n.min() >= 0.0 and n.max() <= 1.0
+    assert np.isfinite(n).all()  # no overflow far from the threshold
+    # the pixel threshold: about 1 % of normal pixels above it
+    pixels = np.concatenate([m.ravel() for m in maps])
+    assert abs(np.mean(pixels > t.pixel.value) - 0.01) < 0.002
+    # normalised map keeps shape and dtype float32
+    assert t.pixel.normalise(maps[0]).shape == (16, 16)
+    assert t.pixel.normalise(maps[0]).dtype == np.float32
+
+
+def test_pixel_tail_table_matches_direct_quantiles() -> None:
+    rng = np.random.default_rng(3)
+    maps = [rng.normal(size=(64, 64)) for _ in range(20)]
+    stats = NormalStatistics.from_maps(maps)
+    pixels = np.concatenate([m.ravel() for m in maps])
+    for rate in (0.3, 0.05, 0.001, 1e-4):
+        direct = np.quantile(pixels, 1 - rate)
+        assert stats.pixel_threshold(rate) == pytest.approx(direct, abs=0.02)
+
+
+def test_f1_optimal_threshold_on_a_hand_made_set() -> None:
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.35])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    threshold, f1 = f1_optimal_threshold(scores, labels)
+    # best: flag >= 0.6 (tp 3, fp 0, fn 1 -> F1 0.857) vs >= 0.35 (tp 4, fp 1 -> 0.889)
+    assert f1 == pytest.approx(8 / 9)
+    assert 0.3 < threshold < 0.35
+    flagged = scores >= threshold
+    assert flagged.sum() == 5
+    with pytest.raises(CalibrationError):
+        f1_optimal_threshold(scores, np.zeros(8))
+
+
+def test_bad_rates_and_empty_sets_are_clear_errors() -> None:
+    for rate in (0.0, 0.5, -1, 2):
+        with pytest.raises(CalibrationError, match="false-alarm-rate"):
+            threshold_at_rate(np.ones(3), rate)
+    with pytest.raises(CalibrationError, match="no normal"):
+        threshold_at_rate(np.array([]), 0.01)
+    with pytest.raises(CalibrationError, match="held-out"):
+        NormalStatistics.from_maps([])
+
+
+def test_thresholds_round_trip_and_damaged_file(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    stats = NormalStatistics.from_maps([rng.random((8, 8)) for _ in range(5)])
+    saved = {"st": Thresholds.from_normals("st", stats)}
+    save_thresholds(tmp_path, saved)
+    loaded = load_thresholds(tmp_path)
+    assert loaded["st"] == saved["st"]
+    assert isinstance(loaded["st"].image, Threshold)
+    assert load_thresholds(tmp_path / "nothing") == {}
+    (tmp_path / "thresholds.json").write_text("{not json")
+    with pytest.raises(CalibrationError, match="rstpm threshold"):
+        load_thresholds(tmp_path)
