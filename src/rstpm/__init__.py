@@ -5,3 +5,13 @@ from each equation of the paper to the module that implements it.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Detector", "Prediction", "__version__"]
+
+
+def __getattr__(name: str):  # lazy: `import rstpm` stays light, torch loads on first use
+    if name in ("Detector", "Prediction"):
+        from rstpm import detector
+
+        return getattr(detector, name)
+    raise AttributeError(f"module 'rstpm' has no attribute {name!r}")

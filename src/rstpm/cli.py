@@ -52,6 +52,18 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="T2's timm architecture; 'small' = T1's (Table III's ablation)",
     )
+    parser.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=0.01,
+        help="target fraction of normal images flagged, for the calibrated image threshold",
+    )
+    parser.add_argument(
+        "--pixel-false-alarm-rate",
+        type=float,
+        default=0.001,
+        help="target fraction of normal pixels flagged, for the pixel threshold",
+    )
     disc = parser.add_argument_group("discriminative network (stage 2)")
     disc.add_argument("--disc-epochs", type=int, default=300, help="0: no discriminative net")
     disc.add_argument("--disc-lr", type=float, default=1e-4)
@@ -116,6 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx", type=Path, help="graph for --backend onnx (default RUN/export/model-VARIANT.onnx)"
     )
 
+    predict = sub.add_parser(
+        "predict", help="verdicts, scores and (with --save-dir) overlays for new images"
+    )
+    predict.add_argument("--run", type=Path, required=True)
+    predict.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    predict.add_argument("--save-dir", type=Path, help="write <name>_overlay.png, <name>_mask.png")
+    predict.add_argument("--variant", choices=VARIANTS, help="default: full, or st")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    predict.add_argument("--onnx", type=Path, help="graph for --backend onnx")
+    predict.add_argument("--precision", choices=PRECISIONS)
+    predict.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    predict.add_argument(
+        "--json", action="store_true", help="(default) one JSON line per image on stdout"
+    )
+
+    threshold = sub.add_parser(
+        "threshold", help="recalibrate a run's thresholds (normal images or a labelled set)"
+    )
+    threshold.add_argument("--run", type=Path, required=True)
+    threshold.add_argument("--false-alarm-rate", type=float, help="target on normal images")
+    threshold.add_argument("--pixel-false-alarm-rate", type=float)
+    threshold.add_argument(
+        "--data", type=Path, help="labelled test set: F1-optimal thresholds instead"
+    )
+    threshold.add_argument("--masks", type=Path, help="mask folder for the generic layout")
+    threshold.add_argument("--quiet", action="store_true")
+    threshold.add_argument("--json", action="store_true", help="print thresholds.json")
+
     export = sub.add_parser("export", help="one ONNX graph of a variant, checked against torch")
     export.add_argument("--run", type=Path, required=True)
     export.add_argument("--format", choices=("onnx",), default="onnx")
@@ -163,6 +204,8 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         teacher2=args.teacher2,
         precision=args.precision,
         channels_last=args.channels_last,
+        false_alarm_rate=args.false_alarm_rate,
+        pixel_false_alarm_rate=args.pixel_false_alarm_rate,
         disc_epochs=args.disc_epochs,
         disc_lr=args.disc_lr,
         disc_batch_size=args.disc_batch_size,
@@ -235,6 +278,57 @@ def cmd_test(args: argparse.Namespace) -> None:
         _print_metrics(result)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rstpm.detector import Detector
+    from rstpm.predict import expand_inputs, predict_paths
+
+    if args.onnx is not None and args.backend != "onnx":
+        raise ValueError("--onnx FILE is used with --backend onnx only")
+    paths = expand_inputs(args.paths)
+    detector = Detector.load(args.run, args.variant, args.backend, args.precision, args.onnx)
+    if detector.thresholds is None and not args.quiet:
+        print(
+            f"rstpm predict: warning: {args.run} has no thresholds (no verdicts); "
+            f"create them with `rstpm threshold --run {args.run}`",
+            file=sys.stderr,
+        )
+    failed = anomalous = 0
+    for record in predict_paths(detector, paths, args.save_dir, args.batch_size):
+        print(json.dumps(record), flush=True)
+        if "error" in record:
+            failed += 1
+            print(f"rstpm predict: error: {record['error']}", file=sys.stderr)
+        anomalous += record.get("verdict") == "anomalous"
+    if not args.quiet:
+        print(
+            f"rstpm predict: {len(paths)} images, {anomalous} anomalous, {failed} failed "
+            f"(variant {detector.variant})",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def cmd_threshold(args: argparse.Namespace) -> None:
+    from rstpm.calibration import recalibrate_run
+
+    result = recalibrate_run(
+        args.run,
+        args.false_alarm_rate,
+        args.pixel_false_alarm_rate,
+        args.data,
+        args.masks,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps({k: v.to_dict() for k, v in result.items()}, indent=2))
+        return
+    for variant, t in result.items():
+        print(
+            f"{variant}: image threshold {t.image.value:.6g} ({t.image.source}); "
+            f"pixel threshold {t.pixel.value:.6g} ({t.pixel.source})"
+        )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from rstpm.export import default_onnx_path, export_onnx, sidecar_path
 
@@ -295,19 +389,21 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "fit": cmd_fit,
         "test": cmd_test,
+        "predict": cmd_predict,
+        "threshold": cmd_threshold,
         "export": cmd_export,
         "bench": cmd_bench,
         "demo": cmd_demo,
     }
     try:
-        handlers[args.command](args)
+        code = handlers[args.command](args)
     except (DataError, WeightsError, RunError, TrainingError, ExportError, ValueError) as error:
         print(f"rstpm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rstpm {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ class Config:
     anomaly_source: str | None = None  # folder of texture images (DTD); None: procedural
     disc_pool_refresh: int = 1  # new pseudo-anomalies every N epochs (1: every epoch, exact)
     teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
+    # Thresholds calibrated at the end of fit on the held-out normals (calibration.py);
+    # editable afterwards with `rstpm threshold`
+    false_alarm_rate: float = 0.01
+    pixel_false_alarm_rate: float = 0.001
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -73,6 +77,9 @@ class Config:
             raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
         if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:
             raise ValueError("--disc-epochs >= 0, --disc-batch-size and --disc-pool-refresh >= 1")
+        for name in ("false_alarm_rate", "pixel_false_alarm_rate"):
+            if not 0.0 < getattr(self, name) < 0.5:
+                raise ValueError(f"--{name.replace('_', '-')} must lie in (0, 0.5)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie in (0, 1)")
 

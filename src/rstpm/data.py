@@ -305,7 +305,14 @@ def load_image(path: Path, size: int | tuple[int, int] | None = None) -> torch.T
         DataError: the file is missing, empty, truncated or not an image.
     """
     path = Path(path)
-    img = _open_loaded(path)
+    return pil_to_tensor(_open_loaded(path), size, str(path))
+
+
+def pil_to_tensor(
+    img: Image.Image, size: int | tuple[int, int] | None = None, name: str = "image"
+) -> torch.Tensor:
+    """A PIL image as :func:`load_image` returns a file: RGB float32 (3, H, W) in [0, 1],
+    resized when ``size`` is given. ``name`` is used in error messages."""
     target = _normalise_size(size) if size is not None else None
 
     gray = _high_bit_depth(img)
@@ -325,7 +332,7 @@ def load_image(path: Path, size: int | tuple[int, int] | None = None) -> torch.T
             img = img.convert("RGB")
         except (ValueError, OSError) as exc:
             raise DataError(
-                f"cannot read image {path}: unsupported colour mode {img.mode}; "
+                f"cannot read image {name}: unsupported colour mode {img.mode}; "
                 "re-export it as RGB or grayscale"
             ) from exc
     if target is not None and (img.height, img.width) != target:

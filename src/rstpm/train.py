@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rstpm.calibration import NormalStatistics, Thresholds, save_thresholds
 from rstpm.config import Config
 from rstpm.data import DataError, list_train_samples, load_all_images, split_train_val
 from rstpm.focal_loss import focal_loss
-from rstpm.fusion import fuse_st
+from rstpm.fusion import VARIANTS, fuse_st
 from rstpm.model import RSTPM, TeacherFeatures
 from rstpm.runs import LOG_FILE, RunError, save_run
 from rstpm.synthesis import AnomalySource, PseudoAnomalySynthesizer
@@ -340,6 +341,32 @@ def train_discriminator(
     }
 
 
+@torch.no_grad()
+def calibrate_thresholds(
+    model: RSTPM, config: Config, normal_images: torch.Tensor
+) -> dict[str, Thresholds]:
+    """Thresholds of every variant of the model at the config's target false-alarm rates, from
+    the maps of held-out normal images (calibration.py)."""
+    model.eval()
+    variants = [v for v in VARIANTS if model.discriminator is not None or v in ("stpm", "st")]
+    maps: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    for start in range(0, len(normal_images), config.batch_size):
+        batch = model.variant_maps(
+            normal_images[start : start + config.batch_size], variants, config.smoothing_sigma
+        )
+        for v in variants:
+            maps[v].extend(batch[v].float().numpy())
+    return {
+        v: Thresholds.from_normals(
+            v,
+            NormalStatistics.from_maps(maps[v]),
+            config.false_alarm_rate,
+            config.pixel_false_alarm_rate,
+        )
+        for v in variants
+    }
+
+
 def _reusable_students(config: Config, students_from: Path) -> dict[str, torch.Tensor]:
     """The student weights of an earlier run with the same student configuration."""
     from rstpm.runs import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_json
@@ -412,6 +439,8 @@ def fit(
                 model, config, train_images, val_images, disc_generator, logger_factory, progress
             )
         )
+    thresholds = calibrate_thresholds(model, config, val_images)
+    save_thresholds(run_dir, thresholds)
     info = {
         "teachers": {k: v.to_dict() for k, v in teachers.items()},
         "data": str(Path(data_root).resolve()),

@@ -1,0 +1,229 @@
+"""The Python API: a trained run as a detector that gives verdicts, scores and maps.
+
+    from rstpm import Detector
+    detector = Detector.load("runs/bottle")
+    result = detector.predict("photo.png")          # or a PIL image, an array, a list of them
+    print(result.score, result.normalised_score, result.is_anomalous)
+    heatmap = result.anomaly_map                    # (H, W) float32 at the image's own size
+
+Scores are the maximum of the variant's anomaly map (Eq. 5 or Eq. 7); the verdict and the
+normalised values come from the run's calibrated thresholds (calibration.py): anomalous when the
+score reaches the image threshold, i.e. when the normalised score is >= 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rstpm.calibration import Thresholds, load_thresholds
+from rstpm.config import Config
+from rstpm.data import DataError, image_size, load_image, pil_to_tensor
+from rstpm.fusion import resize_map
+
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass
+class Prediction:
+    """The result for one image. Maps are at the image's own size."""
+
+    score: float  # raw image score: the maximum of the anomaly map at the network's size
+    anomaly_map: np.ndarray  # (H, W) float32, raw values
+    normalised_score: float | None = None  # in [0, 1], 0.5 at the image threshold
+    is_anomalous: bool | None = None  # None when the run has no thresholds
+    normalised_map: np.ndarray | None = None  # (H, W) in [0, 1], 0.5 at the pixel threshold
+    defect_area_fraction: float | None = None  # fraction of pixels at/above the pixel threshold
+    path: str | None = None
+
+    @property
+    def defect_mask(self) -> np.ndarray | None:
+        """(H, W) bool: pixels at or above the pixel threshold."""
+        return None if self.normalised_map is None else self.normalised_map >= 0.5
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-ready summary (no maps): one line of ``rstpm predict``."""
+        return {
+            "path": self.path,
+            "score": self.score,
+            "normalised_score": self.normalised_score,
+            "verdict": None
+            if self.is_anomalous is None
+            else ("anomalous" if self.is_anomalous else "normal"),
+            "defect_area_fraction": self.defect_area_fraction,
+        }
+
+
+@dataclass
+class PredictionError:
+    """An input that could not be processed (the others still are)."""
+
+    path: str | None
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.path, "error": self.message}
+
+
+def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise DataError(
+            f"{name}: expected an (H, W), (H, W, 3) or (H, W, 4) array, got {array.shape}"
+        )
+    if array.dtype == np.uint8:
+        return Image.fromarray(array)
+    if array.dtype == np.uint16 and array.ndim == 2:
+        return Image.fromarray(array.astype(np.int32), mode="I")
+    if np.issubdtype(array.dtype, np.floating):
+        if array.ndim == 2:
+            return Image.fromarray(array.astype(np.float32), mode="F")
+        return Image.fromarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+    raise DataError(f"{name}: unsupported array dtype {array.dtype}; use uint8, uint16 or float")
+
+
+def to_network_input(
+    x: ImageInput, size: int, name: str = "image"
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image as the network's (3, size, size) input in [0, 1] and its own (H, W)."""
+    if isinstance(x, (str, Path)):
+        width, height = image_size(Path(x))
+        return load_image(Path(x), size), (height, width)
+    if isinstance(x, Image.Image):
+        return pil_to_tensor(x, size, name), (x.height, x.width)
+    if isinstance(x, np.ndarray):
+        img = _array_to_pil(x, name)
+        return pil_to_tensor(img, size, name), (img.height, img.width)
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 3 or x.shape[0] not in (1, 3):
+            raise DataError(f"{name}: expected a (3, H, W) tensor in [0, 1], got {tuple(x.shape)}")
+        image = x.float().expand(3, -1, -1)
+        own = (int(x.shape[1]), int(x.shape[2]))
+        resized = torch.nn.functional.interpolate(
+            image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+        return resized.clamp(0.0, 1.0), own
+    raise DataError(f"{name}: cannot read a {type(x).__name__} as an image")
+
+
+class Detector:
+    """A trained run ready for inference (torch or ONNX Runtime), with its thresholds."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Config,
+        variant: str,
+        batch_maps: Any,
+        thresholds: Thresholds | None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.variant = variant
+        self.thresholds = thresholds
+        self._batch_maps = batch_maps
+
+    @classmethod
+    def load(
+        cls,
+        run_dir: str | Path,
+        variant: str | None = None,
+        backend: str = "torch",
+        precision: str | None = None,
+        onnx_path: str | Path | None = None,
+    ) -> Detector:
+        """Load a finished run. ``variant``: stpm | st | disc | full (default: full, or st
+        without discriminative network). ``backend``: torch, or onnx (the graph of
+        ``rstpm export``)."""
+        from rstpm.evaluate import default_variant, torch_backend
+        from rstpm.runs import load_run, read_config
+
+        run_dir = Path(run_dir)
+        if backend == "torch":
+            model, config, _ = load_run(run_dir, precision)
+            variant = variant or default_variant(model)
+            maps = torch_backend(model, [variant], config.smoothing_sigma)
+        elif backend == "onnx":
+            from rstpm.export import onnx_backend
+
+            config = read_config(run_dir)
+            maps = onnx_backend(run_dir, config, [variant], Path(onnx_path) if onnx_path else None)
+            variant = maps.variant
+        else:
+            raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
+        thresholds = load_thresholds(run_dir).get(variant)
+        return cls(run_dir, config, variant, maps, thresholds)
+
+    @classmethod
+    def fit(
+        cls, data: str | Path, run_dir: str | Path, progress: bool = False, **config: Any
+    ) -> Detector:
+        """Train a run on the normal images of ``data`` (keyword arguments: Config fields,
+        e.g. ``epochs=10``) and load it."""
+        from rstpm.train import fit
+
+        fit(Config(**config), Path(data), Path(run_dir), progress=progress)
+        return cls.load(run_dir)
+
+    def _finish(self, fused: torch.Tensor, own: tuple[int, int], path: str | None) -> Prediction:
+        score = float(fused.max())
+        raw = resize_map(fused[None].float(), own)[0].numpy()
+        prediction = Prediction(score=score, anomaly_map=raw, path=path)
+        if self.thresholds is not None:
+            prediction.normalised_score = float(self.thresholds.image.normalise(score))
+            prediction.is_anomalous = score >= self.thresholds.image.value
+            prediction.normalised_map = self.thresholds.pixel.normalise(raw)
+            prediction.defect_area_fraction = float(np.mean(raw >= self.thresholds.pixel.value))
+        return prediction
+
+    def predict_many(
+        self, inputs: Iterable[ImageInput], batch_size: int = 16
+    ) -> Iterator[Prediction | PredictionError]:
+        """Results in input order; an input that cannot be read yields a PredictionError and
+        the others are still processed."""
+        pending: list[tuple[torch.Tensor, tuple[int, int], str | None]] = []
+
+        def flush() -> Iterator[Prediction]:
+            if not pending:
+                return
+            with torch.inference_mode():
+                fused = self._batch_maps(torch.stack([p[0] for p in pending]))[self.variant]
+            for (_, own, path), one in zip(pending, fused, strict=True):
+                yield self._finish(one, own, path)
+            pending.clear()
+
+        for i, x in enumerate(inputs):
+            path = str(x) if isinstance(x, (str, Path)) else None
+            try:
+                tensor, own = to_network_input(x, self.config.image_size, path or f"input {i}")
+            except DataError as error:
+                yield from flush()  # keep the output in input order
+                yield PredictionError(path, str(error))
+                continue
+            pending.append((tensor, own, path))
+            if len(pending) == batch_size:
+                yield from flush()
+        yield from flush()
+
+    def predict(
+        self, x: ImageInput | Sequence[ImageInput], batch_size: int = 16
+    ) -> Prediction | list[Prediction]:
+        """One image (path, PIL image, (H, W[, C]) array, (3, H, W) tensor) -> Prediction; a
+        list of them or a (B, 3, H, W) tensor -> list. Unreadable input raises DataError."""
+        single = not isinstance(x, (list, tuple)) and not (
+            isinstance(x, torch.Tensor) and x.dim() == 4
+        )
+        items = [x] if single else list(x)
+        results = []
+        for result in self.predict_many(items, batch_size):
+            if isinstance(result, PredictionError):
+                raise DataError(result.message)
+            results.append(result)
+        return results[0] if single else results

@@ -1,0 +1,103 @@
+"""`rstpm predict`: verdicts for files, folders and globs, with overlays and masks on request.
+
+Input policy: a file given by name must be a readable image (else a one-line error for it and
+the others go on); folders are scanned non-recursively and their non-image files are skipped
+with a warning (data.list_images); a pattern with * ? [ ] is expanded like a shell glob
+(recursively with **). Outputs under ``--save-dir`` mirror the inputs' paths relative to their
+common folder, so equal names in different folders never collide.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rstpm.data import DataError, list_images, load_image
+from rstpm.detector import Detector, Prediction, PredictionError
+
+GLOB_CHARS = set("*?[")
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files, folders (their images) and glob patterns -> image paths, in the given order.
+
+    Raises:
+        DataError: a path that does not exist, or a pattern / folder that matches no image.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        text = str(raw)
+        path = Path(text)
+        if path.is_dir():
+            out.extend(list_images(path))
+        elif path.exists() or path.is_symlink():
+            out.append(path)  # a dangling link or non-image fails later, with its own error
+        elif GLOB_CHARS & set(text):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                raise DataError(f"pattern {text} matches no file; check the path")
+            out.extend(files)
+        else:
+            raise DataError(f"{text} does not exist; check the path")
+    if not out:
+        raise DataError("no input images given")
+    return out
+
+
+def output_stems(paths: Sequence[Path], save_dir: Path) -> list[Path]:
+    """Per input: ``save_dir / <path relative to the inputs' common folder, without suffix>``."""
+    parents = [os.path.abspath(p.parent) for p in paths]
+    common = Path(os.path.commonpath(parents)) if parents else Path(".")
+    stems = []
+    for p in paths:
+        rel = Path(os.path.abspath(p)).relative_to(common)
+        stems.append(save_dir / rel.with_suffix(""))
+    return stems
+
+
+def save_outputs(prediction: Prediction, stem: Path) -> dict[str, str]:
+    """Overlay PNG (image, heatmap, contour of the thresholded region) and binary mask PNG."""
+    from rstpm.overlay import binary_mask, render_overlay, save_png
+
+    image = load_image(Path(prediction.path))  # own size, RGB [0, 1]
+    rgb = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    if prediction.normalised_map is not None:
+        values, vmin, vmax, threshold = prediction.normalised_map, 0.0, 1.0, 0.5
+    else:  # no thresholds: colour by the map's own range, no contour
+        values = prediction.anomaly_map
+        vmin, vmax, threshold = float(values.min()), float(values.max()) + 1e-12, None
+    written = {}
+    overlay = stem.parent / f"{stem.name}_overlay.png"
+    save_png(overlay, render_overlay(rgb, values, vmin, vmax, threshold))
+    written["overlay"] = str(overlay)
+    if threshold is not None:
+        mask = stem.parent / f"{stem.name}_mask.png"
+        save_png(mask, binary_mask(values, threshold))
+        written["mask"] = str(mask)
+    return written
+
+
+def predict_paths(
+    detector: Detector,
+    paths: Sequence[Path],
+    save_dir: Path | None = None,
+    batch_size: int = 16,
+) -> Iterator[dict]:
+    """One JSON-ready record per input path, in order (``{"path", "error"}`` for failures)."""
+    stems = output_stems(paths, save_dir) if save_dir is not None else None
+    for i, result in enumerate(detector.predict_many(paths, batch_size)):
+        if isinstance(result, PredictionError):
+            yield result.record()
+            continue
+        record = result.record()
+        if stems is not None:
+            try:
+                record.update(save_outputs(result, stems[i]))
+            except (DataError, OSError) as error:
+                record["error"] = f"cannot write outputs for {result.path}: {error}"
+        yield record
