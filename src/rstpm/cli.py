@@ -94,9 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="train on the normal images of a dataset")
-    fit.add_argument("--data", type=Path, required=True, help="MVTec category or image folder")
-    fit.add_argument("--out", type=Path, required=True, help="run directory to create")
+    fit.add_argument("--data", type=Path, help="MVTec category or image folder")
+    fit.add_argument("--out", type=Path, help="run directory to create")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    fit.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted fit from its last epoch checkpoint (its own settings)",
+    )
     fit.add_argument("--quiet", action="store_true")
     _add_fit_arguments(fit)
 
@@ -232,15 +238,25 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from rstpm.runs import RunError, is_run
     from rstpm.train import fit
 
-    if is_run(args.out) and not args.overwrite:
-        raise RunError(f"{args.out} already holds a run; choose another --out or pass --overwrite")
-    info = fit(
-        _config_from_args(args),
-        args.data,
-        args.out,
-        progress=not args.quiet,
-        students_from=args.students_from,
-    )
+    if args.resume is not None:
+        from rstpm.train import resume
+
+        args.out = args.resume
+        info = resume(args.resume, progress=not args.quiet)
+    else:
+        if args.data is None or args.out is None:
+            raise ValueError("fit needs --data and --out (or --resume RUN_DIR)")
+        if is_run(args.out) and not args.overwrite:
+            raise RunError(
+                f"{args.out} already holds a run; choose another --out or pass --overwrite"
+            )
+        info = fit(
+            _config_from_args(args),
+            args.data,
+            args.out,
+            progress=not args.quiet,
+            students_from=args.students_from,
+        )
     parts = [f"run written to {args.out}"]
     if "best_epoch" in info:
         parts.append(
@@ -401,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rstpm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rstpm {args.command}: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "fit" and (args.resume or args.out):
+            hint = f"; continue with `rstpm fit --resume {args.resume or args.out}`"
+        print(f"rstpm {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return code or 0
 

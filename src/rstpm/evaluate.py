@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from rstpm.calibration import load_thresholds
 from rstpm.config import Config
 from rstpm.data import (
     ImageDataset,
@@ -31,6 +32,7 @@ from rstpm.data import (
 from rstpm.fusion import check_variant, resize_map
 from rstpm.metrics import evaluate
 from rstpm.model import RSTPM
+from rstpm.report import write_report
 from rstpm.runs import atomic_write_bytes, atomic_write_json, load_run, read_config
 
 
@@ -110,7 +112,8 @@ def test_variants(
     precision: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a run on the test split of ``data_root`` for several variants at once; for each,
-    writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff`` and ``<out>/metrics.json``.
+    writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff``, ``<out>/metrics.json`` and
+    ``<out>/report.html`` (rstpm.report, with the run's thresholds when it has some).
 
     ``backend``: ``torch`` (the run's model) or ``onnx`` (ONNX Runtime on the graph of
     ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant)."""
@@ -135,6 +138,7 @@ def test_variants(
         else None
         for s, size in zip(samples, sizes, strict=True)
     ]
+    thresholds = load_thresholds(run_dir)
     started = time.perf_counter()
     maps = predict_maps(model, samples, sizes, variants, config, batch_size, progress, batch_maps)
     seconds = time.perf_counter() - started
@@ -155,8 +159,12 @@ def test_variants(
             "inference_seconds": round(seconds, 3),
             "torch_threads": torch.get_num_threads(),
             **metrics,
+            "report": str((out_dir / "report.html").resolve()),
         }
         atomic_write_json(out_dir / "metrics.json", result)
+        write_report(
+            out_dir / "report.html", result, samples, maps[variant], masks, thresholds.get(variant)
+        )
         results.append(result)
     return results
 

@@ -37,12 +37,27 @@ import torch
 from tqdm.auto import tqdm
 
 from rstpm.calibration import NormalStatistics, Thresholds, save_thresholds
+from rstpm.checkpoint import (
+    load_checkpoint,
+    optimizer_tensors,
+    remove_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
 from rstpm.config import Config
 from rstpm.data import DataError, list_train_samples, load_all_images, split_train_val
 from rstpm.focal_loss import focal_loss
 from rstpm.fusion import VARIANTS, fuse_st
 from rstpm.model import RSTPM, TeacherFeatures
-from rstpm.runs import LOG_FILE, RunError, save_run
+from rstpm.runs import (
+    CONFIG_FILE,
+    LOG_FILE,
+    RunError,
+    atomic_write_bytes,
+    atomic_write_json,
+    save_run,
+)
 from rstpm.synthesis import AnomalySource, PseudoAnomalySynthesizer
 
 
@@ -119,6 +134,48 @@ class EpochLogger:
             self.log(line)
 
 
+Resume = tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]
+"""A loaded checkpoint: (meta, tensor groups), see checkpoint.py."""
+
+
+class Checkpointer:
+    """Writes the per-epoch checkpoint (checkpoint.py); ``on_epoch_end(stage, epoch)`` runs
+    after each write (tests interrupt training there)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        meta: dict[str, Any],
+        on_epoch_end: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), meta, on_epoch_end
+        self.extra: dict[str, dict[str, torch.Tensor]] = {}  # groups saved with every epoch
+
+    def save(
+        self,
+        stage: str,
+        epoch: int,
+        meta: dict[str, Any],
+        groups: dict[str, dict[str, torch.Tensor]],
+        generator: torch.Generator,
+    ) -> None:
+        save_checkpoint(
+            self.run_dir,
+            {**self.meta, "stage": stage, "epoch": epoch, **meta},
+            {**self.extra, **groups},
+            generator,
+        )
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(stage, epoch)
+
+
+def student_state(model: RSTPM) -> dict[str, torch.Tensor]:
+    """Students and attention (what stage 1 trains)."""
+    return {
+        k: v for k, v in model.trainable_state_dict().items() if not k.startswith("discriminator.")
+    }
+
+
 def _check_finite(loss: torch.Tensor, stage: str, epoch: int, lr: float, flag: str) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(
@@ -135,9 +192,12 @@ def train_students(
     generator: torch.Generator,
     logger_factory: Callable[[Any], EpochLogger],
     progress: bool,
+    checkpointer: Checkpointer | None = None,
+    resume: Resume | None = None,
 ) -> dict[str, Any]:
     """Stage 1: SGD on the six-location loss (Eq. 4); keeps the epoch with the lowest mean
-    validation score. Returns the best state and timings."""
+    validation score. Returns the best state and timings. ``resume``: continue after the
+    checkpoint's epoch (same result as never stopping)."""
     train_cache = val_cache = None
     cache_seconds = 0.0
     if config.cache_teacher_features:
@@ -151,9 +211,26 @@ def train_students(
         parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     best = BestEpoch()
-    epoch_seconds = []
+    epoch_seconds: list[float] = []
+    first = 1
+    if resume is not None:
+        meta, groups = resume
+        model.load_state_dict(groups["model"], strict=False)
+        restore_optimizer(optimizer, groups.get("optimizer", {}))
+        best.epoch, best.value = meta["best_epoch"], meta["best_value"]
+        best.state = groups.get("best") or None
+        epoch_seconds = list(meta["epoch_seconds"])
+        first = meta["epoch"] + 1
+        generator = restore_rng(meta, groups)
     n = len(train_images)
-    bar = tqdm(range(1, config.epochs + 1), desc="students", unit="epoch", disable=not progress)
+    bar = tqdm(
+        range(first, config.epochs + 1),
+        initial=first - 1,
+        total=config.epochs,
+        desc="students",
+        unit="epoch",
+        disable=not progress,
+    )
     log_epoch = logger_factory(bar)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -175,15 +252,7 @@ def train_students(
         val_score = validation_score(model, val_images, val_cache, config.batch_size)
         seconds = time.perf_counter() - t0
         epoch_seconds.append(train_seconds)
-        improved = best.update(
-            epoch,
-            val_score,
-            lambda: {
-                k: v
-                for k, v in model.trainable_state_dict().items()
-                if not k.startswith("discriminator.")
-            },
-        )
+        improved = best.update(epoch, val_score, lambda: student_state(model))
         record = {
             "stage": "students",
             "epoch": epoch,
@@ -198,6 +267,22 @@ def train_students(
             f"students {epoch}/{config.epochs} loss {record['loss']:.4f} "
             f"val {val_score:.5f} {seconds:.1f}s" + (" *" if improved else ""),
         )
+        if checkpointer is not None:
+            checkpointer.save(
+                "students",
+                epoch,
+                {
+                    "best_epoch": best.epoch,
+                    "best_value": best.value,
+                    "epoch_seconds": epoch_seconds,
+                },
+                {
+                    "model": student_state(model),
+                    "best": best.state or {},
+                    "optimizer": optimizer_tensors(optimizer),
+                },
+                generator,
+            )
     if best.state is None:
         raise TrainingError("no epoch gave a finite validation score; lower --lr and re-run")
     return {
@@ -260,12 +345,16 @@ def train_discriminator(
     generator: torch.Generator,
     logger_factory: Callable[[Any], EpochLogger],
     progress: bool,
+    checkpointer: Checkpointer | None = None,
+    resume: Resume | None = None,
 ) -> dict[str, Any]:
-    """Stage 2: the U-Net on pseudo-anomalies, focal loss (Eq. 6), Adam; students frozen."""
+    """Stage 2: the U-Net on pseudo-anomalies, focal loss (Eq. 6), Adam; students frozen.
+    ``resume``: continue after the checkpoint's epoch (same result as never stopping)."""
     stage = model.discriminator
     synthesizer = PseudoAnomalySynthesizer(anomaly_source(config))
     t0 = time.perf_counter()
-    stage.normalizer.fit(discriminator_inputs(model, train_images, config.batch_size))
+    if resume is None:
+        stage.normalizer.fit(discriminator_inputs(model, train_images, config.batch_size))
     val_generator = torch.Generator().manual_seed(config.seed + 1)
     val_inputs, val_targets = make_pool(
         model, synthesizer, val_images, val_generator, config.batch_size
@@ -273,10 +362,31 @@ def train_discriminator(
     setup_seconds = time.perf_counter() - t0
     optimizer = torch.optim.Adam(stage.unet.parameters(), lr=config.disc_lr)
     best = BestEpoch()
-    synthesis_seconds, unet_seconds = [], []
-    bar = tqdm(range(1, config.disc_epochs + 1), desc="disc", unit="epoch", disable=not progress)
-    log_epoch = logger_factory(bar)
+    synthesis_seconds: list[float] = []
+    unet_seconds: list[float] = []
     inputs = targets = None
+    first = 1
+    if resume is not None:
+        meta, groups = resume
+        stage.load_state_dict(groups["model"])
+        restore_optimizer(optimizer, groups.get("optimizer", {}))
+        best.epoch, best.value = meta["best_epoch"], meta["best_value"]
+        best.state = groups.get("best") or None
+        synthesis_seconds = list(meta["synthesis_seconds"])
+        unet_seconds = list(meta["unet_seconds"])
+        if "pool" in groups:
+            inputs, targets = groups["pool"]["inputs"], groups["pool"]["targets"]
+        first = meta["epoch"] + 1
+        generator = restore_rng(meta, groups)
+    bar = tqdm(
+        range(first, config.disc_epochs + 1),
+        initial=first - 1,
+        total=config.disc_epochs,
+        desc="disc",
+        unit="epoch",
+        disable=not progress,
+    )
+    log_epoch = logger_factory(bar)
     for epoch in bar:
         t0 = time.perf_counter()
         if (epoch - 1) % config.disc_pool_refresh == 0:
@@ -328,6 +438,27 @@ def train_discriminator(
             f"disc {epoch}/{config.disc_epochs} loss {record['loss']:.4f} val {val_loss:.4f} "
             f"{time.perf_counter() - t0:.1f}s" + (" *" if improved else ""),
         )
+        if checkpointer is not None:
+            pool = {}
+            if config.disc_pool_refresh > 1 and epoch % config.disc_pool_refresh != 0:
+                pool = {"inputs": inputs, "targets": targets}  # still in use next epoch
+            checkpointer.save(
+                "discriminative",
+                epoch,
+                {
+                    "best_epoch": best.epoch,
+                    "best_value": best.value,
+                    "synthesis_seconds": synthesis_seconds,
+                    "unet_seconds": unet_seconds,
+                },
+                {
+                    "model": stage.state_dict(),
+                    "best": best.state or {},
+                    "optimizer": optimizer_tensors(optimizer),
+                    "pool": pool,
+                },
+                generator,
+            )
     if best.state is None:
         raise TrainingError("no discriminative epoch gave a finite validation loss")
     stage.load_state_dict(best.state)
@@ -389,14 +520,67 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     students_from: Path | None = None,
+    on_epoch_end: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train a run on the normal images of ``data_root`` and write it to ``run_dir``.
 
     ``students_from``: a finished run with identical student settings whose students are
-    reused (stage 1 is skipped; only the discriminative network is trained).
+    reused (stage 1 is skipped; only the discriminative network is trained). A checkpoint is
+    written after every epoch (checkpoint.py); :func:`resume` continues an interrupted fit.
     """
     run_dir = Path(run_dir)
-    samples = list_train_samples(Path(data_root))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_checkpoint(run_dir)  # a new fit never continues an older one
+    atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())  # what --resume rebuilds from
+    (run_dir / LOG_FILE).write_text("")
+    meta = {
+        "data": str(Path(data_root).resolve()),
+        "students_from": str(Path(students_from).resolve()) if students_from else None,
+    }
+    return _train(config, run_dir, meta, progress, log, on_epoch_end, None)
+
+
+def resume(
+    run_dir: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_epoch_end: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Continue an interrupted fit from its last checkpoint, with the run's own config and
+    data; the result equals an uninterrupted fit (tests/test_resume.py)."""
+    from rstpm.runs import read_config
+
+    run_dir = Path(run_dir)
+    meta, groups = load_checkpoint(run_dir)
+    config = read_config(run_dir)
+    # the log keeps the epochs the checkpoint contains, the rest is trained again
+    log_path = run_dir / LOG_FILE
+    kept = []
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            same_stage = record["stage"] == meta["stage"]
+            if (same_stage and record["epoch"] <= meta["epoch"]) or (
+                not same_stage and meta["stage"] == "discriminative"  # stage 1 is complete
+            ):
+                kept.append(line)
+    atomic_write_bytes(log_path, "".join(f"{line}\n" for line in kept).encode())
+    base = {k: meta[k] for k in ("data", "students_from")}
+    return _train(config, run_dir, base, progress, log, on_epoch_end, (meta, groups))
+
+
+def _train(
+    config: Config,
+    run_dir: Path,
+    meta: dict[str, Any],
+    progress: bool,
+    log: Callable[[str], None],
+    on_epoch_end: Callable[[str, int], None] | None,
+    resume_from: Resume | None,
+) -> dict[str, Any]:
+    data_root = Path(meta["data"])
+    students_from = Path(meta["students_from"]) if meta["students_from"] else None
+    samples = list_train_samples(data_root)
     train_samples, val_samples = split_train_val(samples, config.val_fraction, config.seed)
     if len(train_samples) < config.batch_size:
         raise DataError(
@@ -404,7 +588,10 @@ def fit(
             f"{len(val_samples)} for validation, fewer than --batch-size {config.batch_size}; "
             "lower --batch-size or add images"
         )
-    reused = _reusable_students(config, students_from) if students_from else None
+    stage = resume_from[0]["stage"] if resume_from is not None else None
+    reused = None
+    if students_from is not None and stage is None:
+        reused = _reusable_students(config, students_from)
     generator = seed_everything(config.seed)
     started = time.perf_counter()
     model, teachers = RSTPM.from_config(config)
@@ -412,44 +599,68 @@ def fit(
     model.set_channels_last(config.channels_last)
     train_images = load_all_images(train_samples, config.image_size, progress=progress)
     val_images = load_all_images(val_samples, config.image_size, progress=progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / LOG_FILE
-    log_path.write_text("")
 
     def logger_factory(bar: Any) -> EpochLogger:
         return EpochLogger(log_path, bar, progress, log)
 
+    checkpointer = Checkpointer(run_dir, meta, on_epoch_end)
     info: dict[str, Any] = {}
-    if reused is None:
+    if stage == "discriminative":
+        students = resume_from[1]["students"]
+        info.update(resume_from[0]["stage1_info"])
+    elif reused is None and students_from is None:
         stage1 = train_students(
-            model, config, train_images, val_images, generator, logger_factory, progress
+            model,
+            config,
+            train_images,
+            val_images,
+            generator,
+            logger_factory,
+            progress,
+            checkpointer,
+            resume_from if stage == "students" else None,
         )
-        student_state = stage1.pop("state")
+        students = stage1.pop("state")
         info.update(stage1)
     else:
-        student_state = reused
-        info["students_from"] = str(Path(students_from).resolve())
-    missing, unexpected = model.load_state_dict(student_state, strict=False)
+        students = reused if reused is not None else _reusable_students(config, students_from)
+        info["students_from"] = str(students_from)
+    missing, unexpected = model.load_state_dict(students, strict=False)
     assert not unexpected, unexpected
     if model.discriminator is not None:
+        checkpointer.extra = {"students": students}
+        checkpointer.meta = {**meta, "stage1_info": dict(info)}
         # stage 2 draws from its own stream, so reusing students gives the same result
         disc_generator = torch.Generator().manual_seed(config.seed + 2)
         info.update(
             train_discriminator(
-                model, config, train_images, val_images, disc_generator, logger_factory, progress
+                model,
+                config,
+                train_images,
+                val_images,
+                disc_generator,
+                logger_factory,
+                progress,
+                checkpointer,
+                resume_from if stage == "discriminative" else None,
             )
         )
     thresholds = calibrate_thresholds(model, config, val_images)
     save_thresholds(run_dir, thresholds)
     info = {
         "teachers": {k: v.to_dict() for k, v in teachers.items()},
-        "data": str(Path(data_root).resolve()),
+        "data": str(data_root),
         "n_train": len(train_samples),
         "n_val": len(val_samples),
         "val_images": [str(s.path) for s in val_samples],
         **info,
+        "resumed_from": None
+        if resume_from is None
+        else {"stage": stage, "epoch": resume_from[0]["epoch"]},
         "total_seconds": round(time.perf_counter() - started, 3),
         "torch_threads": torch.get_num_threads(),
     }
     save_run(run_dir, config, model.trainable_state_dict(), info)
+    remove_checkpoint(run_dir)
     return info
