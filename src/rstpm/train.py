@@ -53,6 +53,8 @@ from rstpm.model import RSTPM, TeacherFeatures
 from rstpm.runs import (
     CONFIG_FILE,
     LOG_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
     RunError,
     atomic_write_bytes,
     atomic_write_json,
@@ -531,6 +533,8 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_checkpoint(run_dir)  # a new fit never continues an older one
+    for name in (MANIFEST_FILE, RUN_FILE):  # the directory holds no complete run until the end
+        (run_dir / name).unlink(missing_ok=True)
     atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())  # what --resume rebuilds from
     (run_dir / LOG_FILE).write_text("")
     meta = {
