@@ -182,3 +182,21 @@ def test_detector_fit_trains_and_loads(synthetic_category: Path, tmp_path: Path)
     assert detector.thresholds is not None  # fit calibrates whatever the entry point
     assert result.is_anomalous in (True, False)
     assert result.record()["verdict"] in ("normal", "anomalous")
+
+
+def test_test_reports_verdicts_at_the_threshold_consistent_with_predict(
+    run: Path, synthetic_category: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "test"
+    args = ["test", "--run", str(run), "--data", str(synthetic_category), "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    assert "defective images detected" in capsys.readouterr().out
+    verdicts = json.loads((out / "metrics.json").read_text())["at_threshold"]
+    assert verdicts["n_good"] == 4 and verdicts["n_defective"] == 8
+    pattern = str(synthetic_category / "test" / "*" / "*.png")
+    assert main(["predict", "--run", str(run), pattern, "--quiet"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    flagged = {r["path"]: r["verdict"] == "anomalous" for r in records}
+    good = [p for p in flagged if "/good/" in p]
+    assert sum(flagged[p] for p in good) == verdicts["false_alarms"]
+    assert sum(flagged[p] for p in flagged if p not in good) == verdicts["detected"]

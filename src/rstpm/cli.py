@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="(default) one JSON line per image on stdout"
     )
 
+    check = sub.add_parser(
+        "check", help="validate a dataset (decode every image, check masks) before training"
+    )
+    check.add_argument(
+        "--data", type=Path, required=True, help="MVTec category, training or test folder"
+    )
+    check.add_argument("--masks", type=Path, help="mask folder for the generic folder layout")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+
     threshold = sub.add_parser(
         "threshold", help="recalibrate a run's thresholds (normal images or a labelled set)"
     )
@@ -232,6 +241,15 @@ def _print_metrics(result: dict) -> None:
         print(
             f"{name:<20} {fmt(m['image_auroc']):>11} {fmt(m['pixel_auroc']):>11} {fmt(m['pro']):>6}"
         )
+    verdicts = result.get("at_threshold")
+    if verdicts:
+        print(
+            f"at the calibrated threshold {verdicts['image_threshold']:.4g}: "
+            f"{verdicts['false_alarms']}/{verdicts['n_good']} good images flagged, "
+            f"{verdicts['detected']}/{verdicts['n_defective']} defective images detected"
+        )
+    if result.get("report"):
+        print(f"report: {result['report']}")
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
@@ -324,6 +342,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from rstpm.check import check_dataset
+
+    report = check_dataset(args.data, args.masks)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def cmd_threshold(args: argparse.Namespace) -> None:
     from rstpm.calibration import recalibrate_run
 
@@ -406,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit": cmd_fit,
         "test": cmd_test,
         "predict": cmd_predict,
+        "check": cmd_check,
         "threshold": cmd_threshold,
         "export": cmd_export,
         "bench": cmd_bench,

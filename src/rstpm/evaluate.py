@@ -99,6 +99,26 @@ def predict_maps(
     return maps
 
 
+def verdict_counts(
+    maps: Sequence[np.ndarray], samples: Sequence[Sample], threshold: float
+) -> dict[str, Any]:
+    """Verdicts at the run's calibrated image threshold (score = max of the map >= threshold):
+    the false-alarm rate on good images and the detection rate on defective ones."""
+    flagged = np.array([float(m.max()) >= threshold for m in maps], dtype=bool)
+    good = np.array([s.defect_type == "good" for s in samples], dtype=bool)
+    n_good, n_def = int(good.sum()), int((~good).sum())
+    alarms, detected = int((flagged & good).sum()), int((flagged & ~good).sum())
+    return {
+        "image_threshold": threshold,
+        "false_alarms": alarms,
+        "n_good": n_good,
+        "false_alarm_rate": alarms / n_good if n_good else None,
+        "detected": detected,
+        "n_defective": n_def,
+        "detection_rate": detected / n_def if n_def else None,
+    }
+
+
 def test_variants(
     run_dir: Path,
     data_root: Path,
@@ -149,6 +169,9 @@ def test_variants(
             name = f"{sample.path.stem}.tiff"
             write_tiff(out_dir / "anomaly_maps" / sample.defect_type / name, amap)
         metrics = evaluate(maps[variant], masks, [s.defect_type for s in samples])
+        at_threshold = None
+        if variant in thresholds:
+            at_threshold = verdict_counts(maps[variant], samples, thresholds[variant].image.value)
         result = {
             "variant": variant,
             "run": str(run_dir.resolve()),
@@ -159,6 +182,7 @@ def test_variants(
             "inference_seconds": round(seconds, 3),
             "torch_threads": torch.get_num_threads(),
             **metrics,
+            "at_threshold": at_threshold,
             "report": str((out_dir / "report.html").resolve()),
         }
         atomic_write_json(out_dir / "metrics.json", result)
