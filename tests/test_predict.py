@@ -200,3 +200,17 @@ def test_test_reports_verdicts_at_the_threshold_consistent_with_predict(
     good = [p for p in flagged if "/good/" in p]
     assert sum(flagged[p] for p in good) == verdicts["false_alarms"]
     assert sum(flagged[p] for p in flagged if p not in good) == verdicts["detected"]
+
+
+def test_json_output_of_fit_and_threshold_is_clean_json(
+    synthetic_category: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    args = ["fit", "--data", str(synthetic_category), "--out", str(out), *FIT_ARGS[:-6]]
+    assert main([*args, "--disc-epochs", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)  # nothing but the JSON on stdout
+    assert info["n_train"] + info["n_val"] == 20
+    assert "students 2/2" not in captured.out
+    assert main(["threshold", "--run", str(out), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"stpm", "st"}

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted fit from its last epoch checkpoint (its own settings)",
     )
-    fit.add_argument("--quiet", action="store_true")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    fit.add_argument("--json", action="store_true", help="print run.json when done")
     _add_fit_arguments(fit)
 
     test = sub.add_parser("test", help="anomaly maps and metrics on a test set")
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: full (Eq. 7), or st (Eq. 5) for a run without discriminative net",
     )
     export.add_argument("--out", type=Path, help="default RUN/export/model-VARIANT.onnx")
+    export.add_argument("--json", action="store_true", help="print the export's sidecar JSON")
 
     bench = sub.add_parser("bench", help="train and test a grid of categories x ablations")
     bench.add_argument("--data", type=Path, nargs="+", required=True, help="category folders")
@@ -252,6 +254,13 @@ def _print_metrics(result: dict) -> None:
         print(f"report: {result['report']}")
 
 
+def _log_for(args: argparse.Namespace):  # -> Callable[[str], None]
+    """Epoch lines go to stderr (stdout stays clean for --json); --quiet drops them."""
+    if args.quiet:
+        return lambda line: None
+    return lambda line: print(line, file=sys.stderr)
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
     from rstpm.runs import RunError, is_run
     from rstpm.train import fit
@@ -260,7 +269,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         from rstpm.train import resume
 
         args.out = args.resume
-        info = resume(args.resume, progress=not args.quiet)
+        info = resume(args.resume, progress=not args.quiet, log=_log_for(args))
     else:
         if args.data is None or args.out is None:
             raise ValueError("fit needs --data and --out (or --resume RUN_DIR)")
@@ -273,6 +282,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
             args.data,
             args.out,
             progress=not args.quiet,
+            log=_log_for(args),
             students_from=args.students_from,
         )
     parts = [f"run written to {args.out}"]
@@ -286,7 +296,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
         parts.append(
             f"discriminative net: best epoch {info['disc_best_epoch']}, {seconds:.1f} s per epoch"
         )
-    print("; ".join(parts))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print("; ".join(parts))
 
 
 def cmd_test(args: argparse.Namespace) -> None:
@@ -327,12 +340,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     failed = anomalous = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
     for record in predict_paths(detector, paths, args.save_dir, args.batch_size):
+        bar.update(1)
         print(json.dumps(record), flush=True)
         if "error" in record:
             failed += 1
             print(f"rstpm predict: error: {record['error']}", file=sys.stderr)
         anomalous += record.get("verdict") == "anomalous"
+    bar.close()
     if not args.quiet:
         print(
             f"rstpm predict: {len(paths)} images, {anomalous} anomalous, {failed} failed "
@@ -375,6 +393,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rstpm.export import default_onnx_path, export_onnx, sidecar_path
 
     info = export_onnx(args.run, variant=args.variant, out=args.out)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
     out = args.out or default_onnx_path(args.run, info["variant"])
     parity = info["parity"]
     print(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,7 +132,7 @@ class EpochLogger:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.progress:
-            self.bar.write(line)
+            self.bar.write(line, file=sys.stderr)
         else:
             self.log(line)
 
