@@ -24,6 +24,7 @@ CONFIG = Config(
     disc_batch_size=8,
     disc_pool_refresh=2,
     teacher_weights=("random", "random"),
+    checkpoint_interval=0.0,  # after every epoch
 )
 
 
@@ -146,6 +147,26 @@ def test_nan_loss_stops_with_epoch_and_hint_and_keeps_the_last_good_checkpoint(
     assert load_checkpoint(run)[0]["epoch"] == 1  # the last good epoch is kept
     monkeypatch.undo()
     assert resume(run, progress=False)["best_epoch"] in (1, 2, 3)
+
+
+def test_the_checkpoint_interval_skips_writes_but_never_the_last_epoch(
+    synthetic_category: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    config = Config.from_dict({**CONFIG.to_dict(), "checkpoint_interval": 3600.0})
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, synthetic_category, run, progress=False, on_epoch_end=Interrupt("students", 2))
+    assert not (run / CHECKPOINT_FILE).exists()  # epochs 1-2 within the hour: nothing written
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            config,
+            synthetic_category,
+            run,
+            progress=False,
+            on_epoch_end=Interrupt("discriminative", 1),
+        )
+    meta, _ = load_checkpoint(run)  # the students' last epoch is always written
+    assert (meta["stage"], meta["epoch"]) == ("students", 3)
 
 
 def test_an_absurd_learning_rate_is_caught(synthetic_category: Path, tmp_path: Path) -> None:

@@ -53,6 +53,14 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="T2's timm architecture; 'small' = T1's (Table III's ablation)",
     )
     parser.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="write the resumable checkpoint after an epoch once this many seconds passed "
+        "(and after each stage's last epoch); 0: after every epoch",
+    )
+    parser.add_argument(
         "--false-alarm-rate",
         type=float,
         default=0.01,
@@ -221,6 +229,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         teacher2=args.teacher2,
         precision=args.precision,
         channels_last=args.channels_last,
+        checkpoint_interval=args.checkpoint_interval,
         false_alarm_rate=args.false_alarm_rate,
         pixel_false_alarm_rate=args.pixel_false_alarm_rate,
         disc_epochs=args.disc_epochs,

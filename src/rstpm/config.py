@@ -51,6 +51,9 @@ class Config:
     teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
     # Thresholds calibrated at the end of fit on the held-out normals (calibration.py);
     # editable afterwards with `rstpm threshold`
+    # a training checkpoint after an epoch once this many seconds passed since the last one,
+    # and after each stage's last epoch (0: every epoch); see checkpoint.py
+    checkpoint_interval: float = 60.0
     false_alarm_rate: float = 0.01
     pixel_false_alarm_rate: float = 0.001
 
@@ -80,6 +83,8 @@ class Config:
         for name in ("false_alarm_rate", "pixel_false_alarm_rate"):
             if not 0.0 < getattr(self, name) < 0.5:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in (0, 0.5)")
+        if self.checkpoint_interval < 0:
+            raise ValueError("--checkpoint-interval must be >= 0 seconds")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie in (0, 1)")
 

@@ -142,32 +142,39 @@ Resume = tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]
 
 
 class Checkpointer:
-    """Writes the per-epoch checkpoint (checkpoint.py); ``on_epoch_end(stage, epoch)`` runs
-    after each write (tests interrupt training there)."""
+    """Writes the checkpoint (checkpoint.py) after an epoch when ``interval`` seconds have
+    passed since the last write, and always after a stage's last epoch (0: every epoch).
+    ``on_epoch_end(stage, epoch)`` runs after every epoch (tests interrupt training there)."""
 
     def __init__(
         self,
         run_dir: Path,
         meta: dict[str, Any],
+        interval: float = 0.0,
         on_epoch_end: Callable[[str, int], None] | None = None,
     ) -> None:
-        self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), meta, on_epoch_end
-        self.extra: dict[str, dict[str, torch.Tensor]] = {}  # groups saved with every epoch
+        self.run_dir, self.meta, self.interval = Path(run_dir), meta, interval
+        self.on_epoch_end = on_epoch_end
+        self.extra: dict[str, dict[str, torch.Tensor]] = {}  # groups saved with every write
+        self.last_write = time.monotonic()
 
-    def save(
+    def epoch_end(
         self,
         stage: str,
         epoch: int,
-        meta: dict[str, Any],
-        groups: dict[str, dict[str, torch.Tensor]],
+        last: bool,
+        state: Callable[[], tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]],
         generator: torch.Generator,
     ) -> None:
-        save_checkpoint(
-            self.run_dir,
-            {**self.meta, "stage": stage, "epoch": epoch, **meta},
-            {**self.extra, **groups},
-            generator,
-        )
+        if last or time.monotonic() - self.last_write >= self.interval:
+            meta, groups = state()
+            save_checkpoint(
+                self.run_dir,
+                {**self.meta, "stage": stage, "epoch": epoch, **meta},
+                {**self.extra, **groups},
+                generator,
+            )
+            self.last_write = time.monotonic()
         if self.on_epoch_end is not None:
             self.on_epoch_end(stage, epoch)
 
@@ -271,19 +278,22 @@ def train_students(
             f"val {val_score:.5f} {seconds:.1f}s" + (" *" if improved else ""),
         )
         if checkpointer is not None:
-            checkpointer.save(
+            checkpointer.epoch_end(
                 "students",
                 epoch,
-                {
-                    "best_epoch": best.epoch,
-                    "best_value": best.value,
-                    "epoch_seconds": epoch_seconds,
-                },
-                {
-                    "model": student_state(model),
-                    "best": best.state or {},
-                    "optimizer": optimizer_tensors(optimizer),
-                },
+                epoch == config.epochs,
+                lambda: (
+                    {
+                        "best_epoch": best.epoch,
+                        "best_value": best.value,
+                        "epoch_seconds": epoch_seconds,
+                    },
+                    {
+                        "model": student_state(model),
+                        "best": best.state or {},
+                        "optimizer": optimizer_tensors(optimizer),
+                    },
+                ),
                 generator,
             )
     if best.state is None:
@@ -445,21 +455,24 @@ def train_discriminator(
             pool = {}
             if config.disc_pool_refresh > 1 and epoch % config.disc_pool_refresh != 0:
                 pool = {"inputs": inputs, "targets": targets}  # still in use next epoch
-            checkpointer.save(
+            checkpointer.epoch_end(
                 "discriminative",
                 epoch,
-                {
-                    "best_epoch": best.epoch,
-                    "best_value": best.value,
-                    "synthesis_seconds": synthesis_seconds,
-                    "unet_seconds": unet_seconds,
-                },
-                {
-                    "model": stage.state_dict(),
-                    "best": best.state or {},
-                    "optimizer": optimizer_tensors(optimizer),
-                    "pool": pool,
-                },
+                epoch == config.disc_epochs,
+                lambda pool=pool: (
+                    {
+                        "best_epoch": best.epoch,
+                        "best_value": best.value,
+                        "synthesis_seconds": synthesis_seconds,
+                        "unet_seconds": unet_seconds,
+                    },
+                    {
+                        "model": stage.state_dict(),
+                        "best": best.state or {},
+                        "optimizer": optimizer_tensors(optimizer),
+                        "pool": pool,
+                    },
+                ),
                 generator,
             )
     if best.state is None:
@@ -609,7 +622,7 @@ def _train(
     def logger_factory(bar: Any) -> EpochLogger:
         return EpochLogger(log_path, bar, progress, log)
 
-    checkpointer = Checkpointer(run_dir, meta, on_epoch_end)
+    checkpointer = Checkpointer(run_dir, meta, config.checkpoint_interval, on_epoch_end)
     info: dict[str, Any] = {}
     if stage == "discriminative":
         students = resume_from[1]["students"]
