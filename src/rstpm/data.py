@@ -14,11 +14,19 @@ Two layouts are understood:
   up under a separate mask root.
 
 All errors caused by the user's data raise :class:`DataError`, whose message is one line that
-names the offending file and says what to do.
+names the offending file and says what to do. The input policy shared by every verb (what is
+skipped, what is an error, what just works) is written down in ``docs/input-policy.md``.
+
+Images larger than :func:`max_image_pixels` (default :data:`MAX_IMAGE_PIXELS`, overridable with
+the environment variable ``RSTPM_MAX_IMAGE_PIXELS``) are refused before they are decoded: a guard
+against decompression bombs. rstpm sets PIL's own ``Image.MAX_IMAGE_PIXELS`` to the same limit
+before each read.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,15 +35,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "MAX_PIXELS_ENV",
     "Batch",
     "DataError",
+    "FolderScan",
     "ImageDataset",
     "Sample",
+    "check_file",
     "collate_batch",
     "image_size",
     "is_mvtec_category",
@@ -45,12 +57,22 @@ __all__ = [
     "load_all_images",
     "load_image",
     "load_mask",
+    "find_mask",
     "make_loader",
+    "max_image_pixels",
+    "open_image",
+    "scan_folder",
     "split_train_val",
 ]
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 """File extensions treated as images (compared case-insensitively)."""
+
+MAX_IMAGE_PIXELS = 100_000_000
+"""Default largest image (width x height) rstpm decodes; larger files are refused, unread."""
+
+MAX_PIXELS_ENV = "RSTPM_MAX_IMAGE_PIXELS"
+"""Environment variable that overrides :data:`MAX_IMAGE_PIXELS` (a positive whole number)."""
 
 GOOD = "good"
 
@@ -101,6 +123,23 @@ def _is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower() in _JUNK_NAMES
 
 
+def _is_dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _require_folder(folder: Path, what: str = "folder") -> None:
+    if folder.is_dir():
+        return
+    if _is_dangling(folder):
+        raise DataError(
+            f"{what} {folder} is a broken symbolic link (to {os.readlink(folder)}); "
+            "fix the link or the path"
+        )
+    if folder.exists():
+        raise DataError(f"{what} {folder} is a file, not a folder; give the folder of images")
+    raise DataError(f"{what} {folder} does not exist; check the path")
+
+
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(
         (p for p in folder.iterdir() if p.is_dir() and not _is_ignored_name(p.name)),
@@ -118,59 +157,126 @@ def is_mvtec_category(root: Path) -> bool:
     return (root / "train" / GOOD).is_dir() or (root / "test").is_dir()
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (not recursive).
+@dataclass(frozen=True)
+class FolderScan:
+    """The files directly inside a folder, sorted by name.
 
-    Files with other extensions are skipped with a warning; hidden files (including macOS
-    ``._*`` resource forks) and sub-folders are skipped silently.
+    Attributes:
+        images: files with an image extension (any letter case), including broken symbolic
+            links with such a name (reading them fails with an error that names the link).
+        skipped: names of the other files (not hidden, not folders), which are not images.
+    """
+
+    images: list[Path]
+    skipped: list[str]
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """Sort the entries of ``folder`` (not recursive) into images and skipped non-images.
+
+    Hidden files (including macOS ``._*`` resource forks), ``Thumbs.db``/``desktop.ini`` and
+    sub-folders are left out silently. Nothing is read; no warning is given.
 
     Raises:
-        DataError: the folder does not exist or holds no image.
+        DataError: the folder does not exist or is not a folder.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"folder {folder} does not exist; check the path")
+    _require_folder(folder)
     images: list[Path] = []
     skipped: list[str] = []
     for entry in folder.iterdir():
         if _is_ignored_name(entry.name) or entry.is_dir():
             continue
-        if _is_image_name(entry) and entry.is_file():
+        if _is_image_name(entry) and (entry.is_file() or _is_dangling(entry)):
             images.append(entry)
         else:
             skipped.append(entry.name)
-    if skipped:
-        skipped.sort()
-        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return FolderScan(sorted(images, key=lambda p: p.name), sorted(skipped))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (not recursive).
+
+    Files with other extensions are skipped with a warning; hidden files (including macOS
+    ``._*`` resource forks) and sub-folders are skipped silently. A broken symbolic link with an
+    image name is listed: reading it raises a :class:`DataError` that names it.
+
+    Raises:
+        DataError: the folder does not exist or holds no image.
+    """
+    folder = Path(folder)
+    scan = scan_folder(folder)
+    if scan.skipped:
+        shown = ", ".join(scan.skipped[:5]) + (", ..." if len(scan.skipped) > 5 else "")
         warnings.warn(
-            f"skipping {len(skipped)} non-image file(s) in {folder}: {shown}",
+            f"skipping {len(scan.skipped)} non-image file(s) in {folder}: {shown}",
             UserWarning,
             stacklevel=2,
         )
-    if not images:
+    if not scan.images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(f"folder {folder} contains no images ({exts}); add images or fix the path")
-    return sorted(images, key=lambda p: p.name)
+    return scan.images
+
+
+def check_file(path: Path, what: str = "image") -> None:
+    """Cheap checks of an image file without reading it: it exists, is not a broken symbolic
+    link, not a folder and not empty.
+
+    Raises:
+        DataError: one line naming the file and what to do.
+    """
+    path = Path(path)
+    if _is_dangling(path):
+        raise DataError(
+            f"cannot read {what} {path}: it is a broken symbolic link (to {os.readlink(path)}); "
+            "fix the link or remove it"
+        )
+    if not path.exists():
+        raise DataError(f"cannot read {what} {path}: it does not exist; check the path")
+    if path.is_dir():
+        raise DataError(
+            f"cannot read {what} {path}: it is a folder, not an image file; give a file"
+        )
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if empty:
+        raise DataError(
+            f"cannot read {what} {path}: the file is empty (0 bytes); re-export or remove it"
+        )
 
 
 def list_train_samples(root: Path) -> list[Sample]:
-    """Normal training images: ``root/train/good/*`` for an MVTec category, else ``root/*``."""
+    """Normal training images: ``root/train/good/*`` for an MVTec category, else ``root/*``.
+
+    Every file's header is read (:func:`image_size`, nothing decoded): a broken symbolic link,
+    an empty file, a file that is not an image or an image above :func:`max_image_pixels` is an
+    error here, before any training starts; a truncated file is found when it is decoded.
+
+    Raises:
+        DataError: a missing folder, no images, or a bad file (named).
+    """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"folder {root} does not exist; check the path")
+    _require_folder(root)
     folder = root / "train" / GOOD if is_mvtec_category(root) else root
-    return [Sample(path, GOOD, None) for path in list_images(folder)]
+    if not folder.is_dir():
+        raise DataError(
+            f"MVTec category {root} has no train/good/ folder; put the normal training images there"
+        )
+    samples = [Sample(path, GOOD, None) for path in list_images(folder)]
+    for sample in samples:
+        image_size(sample.path)
+    return samples
 
 
 def _mask_index(folder: Path) -> dict[tuple[str, str], Path]:
-    """Map (stem, lower-case extension) -> path for the image files in ``folder``."""
+    """Map (stem, lower-case extension) -> path for the image files in ``folder`` (broken links
+    included, so that reading them names them)."""
     if not folder.is_dir():
         return {}
-    return {
-        (p.stem, p.suffix.lower()): p
-        for p in folder.iterdir()
-        if p.is_file() and _is_image_name(p) and not _is_ignored_name(p.name)
-    }
+    return {(p.stem, p.suffix.lower()): p for p in scan_folder(folder).images}
 
 
 def _find_mask(index: dict[tuple[str, str], Path], stem: str) -> Path | None:
@@ -183,26 +289,36 @@ def _find_mask(index: dict[tuple[str, str], Path], stem: str) -> Path | None:
     return None
 
 
+def find_mask(folder: Path, stem: str) -> Path | None:
+    """The mask of image ``stem`` in ``folder``: ``<stem>_mask.<ext>``, else ``<stem>.<ext>``
+    (``.png`` preferred, any image extension in any letter case); None when there is none."""
+    return _find_mask(_mask_index(Path(folder)), stem)
+
+
 def list_test_samples(root: Path, mask_root: Path | None = None) -> list[Sample]:
     """Test images with their labels and pixel masks.
 
     For an MVTec category, images come from ``root/test/<type>/`` and masks from
     ``ground_truth/<type>/<stem>_mask.png`` (under ``mask_root`` when given, else under
-    ``root/ground_truth``); every defective image must have a mask.
+    ``root/ground_truth``); every defective image must have a mask. A category without a
+    ``ground_truth/`` folder (and no ``mask_root``) is evaluated without masks, with a warning.
 
     For the generic layout, images come from ``root/good/`` and ``root/<type>/``. When
     ``mask_root`` is given, each defective image needs ``mask_root/<type>/<stem>_mask.<ext>`` or
     ``mask_root/<type>/<stem>.<ext>``; without it, defective samples get ``mask_path=None``
     (image-level metrics only).
 
-    Samples are ordered by defect type ("good" first, then by name), then by file name.
+    Samples are ordered by defect type ("good" first, then by name), then by file name. Every
+    image is checked without being decoded (:func:`check_file`).
 
     Raises:
-        DataError: missing folders, empty folders, or a defective image without its mask.
+        DataError: missing folders, empty folders, a broken link or empty file, or a defective
+            image without its mask.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"folder {root} does not exist; check the path")
+    _require_folder(root)
+    if mask_root is not None:
+        _require_folder(Path(mask_root), "mask folder")
     if is_mvtec_category(root):
         test_dir = root / "test"
         if not test_dir.is_dir():
@@ -210,6 +326,14 @@ def list_test_samples(root: Path, mask_root: Path | None = None) -> list[Sample]
                 f"MVTec category {root} has no test/ folder; add test/good and test/<defect_type>"
             )
         masks_dir: Path | None = Path(mask_root) if mask_root is not None else root / "ground_truth"
+        if mask_root is None and not masks_dir.is_dir():
+            warnings.warn(
+                f"MVTec category {root} has no ground_truth/ folder: defective images have no "
+                "masks, so only image-level metrics are computed",
+                UserWarning,
+                stacklevel=2,
+            )
+            masks_dir = None
     else:
         test_dir = root
         masks_dir = Path(mask_root) if mask_root is not None else None
@@ -233,6 +357,8 @@ def list_test_samples(root: Path, mask_root: Path | None = None) -> list[Sample]
     for type_dir in type_dirs:
         defect_type = type_dir.name
         images = list_images(type_dir)
+        for path in images:
+            check_file(path)
         if defect_type == GOOD or masks_dir is None:
             samples.extend(Sample(path, defect_type, None) for path in images)
             continue
@@ -254,20 +380,87 @@ def list_test_samples(root: Path, mask_root: Path | None = None) -> list[Sample]
 # --------------------------------------------------------------------------------------------
 
 
-def _read_error(path: Path, exc: BaseException) -> DataError:
-    reason = str(exc) or type(exc).__name__
-    return DataError(f"cannot read image {path}: {reason}; re-export or remove the file")
+def max_image_pixels() -> int:
+    """The largest image (width x height) rstpm decodes: ``$RSTPM_MAX_IMAGE_PIXELS`` when set,
+    else :data:`MAX_IMAGE_PIXELS`.
 
-
-def _open_loaded(path: Path) -> Image.Image:
-    """Open and fully decode an image; any failure becomes a DataError naming the file."""
+    Raises:
+        DataError: the environment variable is not a positive whole number.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as img:
-            img.load()
-            # Keep only the first frame of multi-frame files; copy() detaches from the file.
-            return img.copy()
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(
+            f"environment variable {MAX_PIXELS_ENV}={raw!r} is not a positive whole number "
+            f"(a number of pixels, default {MAX_IMAGE_PIXELS}); fix or unset it"
+        )
+    return value
+
+
+def _bomb_error(path: Path, what: str, size: str, pixels: int | None, limit: int) -> DataError:
+    example = pixels if pixels is not None else 4 * limit
+    return DataError(
+        f"cannot read {what} {path}: {size}, more than rstpm's limit of {limit:,} pixels (a "
+        "guard against decompression bombs); if the file is trusted, raise the limit with the "
+        f"environment variable {MAX_PIXELS_ENV} (e.g. {MAX_PIXELS_ENV}={example}), or downscale "
+        "the image"
+    )
+
+
+def _read_error(path: Path, exc: BaseException, what: str = "image") -> DataError:
+    if isinstance(exc, UnidentifiedImageError):
+        reason = "not an image file PIL can decode (PNG, JPEG, BMP, TIFF)"
+    else:
+        reason = str(exc) or type(exc).__name__
+    return DataError(f"cannot read {what} {path}: {reason}; re-export or remove the file")
+
+
+def _open_guarded(path: Path, what: str, decode: bool) -> Image.Image:
+    """Open an image after :func:`check_file`, refuse it above :func:`max_image_pixels` before
+    decoding, and decode it fully when ``decode`` (first frame, detached from the file)."""
+    check_file(path, what)
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # PIL warns above it, raises above twice it
+    try:
+        with warnings.catch_warnings():
+            # rstpm's own check below replaces PIL's warning with an error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                pixels = width * height
+                if pixels > limit:
+                    size = f"it is {width}x{height} = {pixels:,} pixels"
+                    raise _bomb_error(path, what, size, pixels, limit)
+                if not decode:
+                    return img
+                img.load()
+                return img.copy()
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # above twice the limit: refused by PIL itself
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found.group(1)) if found else None
+        size = f"it has {pixels:,} pixels" if pixels is not None else "it is too large"
+        raise _bomb_error(path, what, size, pixels, limit) from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise _read_error(path, exc) from exc
+        raise _read_error(path, exc, what) from exc
+
+
+def open_image(path: Path, what: str = "image") -> Image.Image:
+    """Open and fully decode an image file (its first frame) as a PIL image, in its own mode.
+
+    ``what`` ("image", "mask") names the file in error messages.
+
+    Raises:
+        DataError: the file is missing, a broken link, a folder, empty, not an image, truncated
+            or damaged, or larger than :func:`max_image_pixels`.
+    """
+    return _open_guarded(Path(path), what, decode=True)
 
 
 def _normalise_size(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -305,7 +498,7 @@ def load_image(path: Path, size: int | tuple[int, int] | None = None) -> torch.T
         DataError: the file is missing, empty, truncated or not an image.
     """
     path = Path(path)
-    return pil_to_tensor(_open_loaded(path), size, str(path))
+    return pil_to_tensor(open_image(path), size, str(path))
 
 
 def pil_to_tensor(
@@ -342,13 +535,10 @@ def pil_to_tensor(
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image, read from its header without decoding the pixels."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            return int(img.width), int(img.height)
-    except Exception as exc:
-        raise _read_error(path, exc) from exc
+    """(width, height) of an image, read from its header without decoding the pixels (with the
+    same checks as :func:`open_image` but a truncated file is not noticed)."""
+    img = _open_guarded(Path(path), "image", decode=False)  # closed, but its size is known
+    return int(img.width), int(img.height)
 
 
 def load_mask(
@@ -371,7 +561,7 @@ def load_mask(
         DataError: unreadable mask, or its size differs from ``expected_size``.
     """
     path = Path(path)
-    img = _open_loaded(path)
+    img = open_image(path, "mask")
     if expected_size is not None and tuple(img.size) != tuple(expected_size):
         w, h = img.size
         ew, eh = expected_size
@@ -550,8 +740,9 @@ def split_train_val(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n = len(samples)
     if n < 2:
+        where = f" ({samples[0].path})" if samples else ""
         raise DataError(
-            f"need at least 2 training images to hold some out for validation, got {n}; "
+            f"need at least 2 training images to hold some out for validation, got {n}{where}; "
             "add more normal images"
         )
     n_val = min(max(round(n * val_fraction), 1), n - 1)
