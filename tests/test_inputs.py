@@ -464,3 +464,53 @@ def test_threshold_on_a_labelled_set_is_strict(run: Path, category: Path, capsys
     line = _one_error_line(capsys.readouterr().err)
     assert str(mask) in line and "is 20x20 but image" in line
     assert (run / "thresholds.json").read_bytes() == before
+
+
+def test_a_failing_fit_never_touches_an_existing_run(
+    synthetic_category: Path, tmp_path: Path, capsys
+) -> None:
+    from rstpm.cli import main
+
+    run = tmp_path / "run"
+    args = ["fit", "--out", str(run), "--epochs", "1", "--batch-size", "8", "--image-size", "64"]
+    args += ["--disc-epochs", "0", "--quiet"]
+    assert main([*args, "--data", str(synthetic_category)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*args, "--data", str(empty), "--overwrite"]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_globs_follow_the_folder_policy(synthetic_category: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from rstpm.predict import expand_inputs
+
+    folder = tmp_path / "inbox"
+    shutil.copytree(synthetic_category / "test" / "good", folder)
+    (folder / "notes.txt").write_text("x")
+    (folder / "gone.png").symlink_to(folder / "missing-target.png")
+    with pytest.warns(UserWarning, match="notes.txt"):
+        paths = expand_inputs([str(folder / "*")])
+    names = {p.name for p in paths}
+    assert "notes.txt" not in names and "gone.png" in names  # the broken link fails on its own
+
+
+def test_anomaly_source_textures_follow_the_input_policy(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from rstpm.synthesis import AnomalySource
+
+    folder = tmp_path / "textures"
+    folder.mkdir()
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "sixteen.png")
+    texture = AnomalySource.from_folder(folder).sample((32, 32), torch.Generator().manual_seed(0))
+    assert 0.2 < float(texture.mean()) < 0.8  # 16-bit scaled like any input, not white
+    (folder / "sixteen.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="anomaly-source cannot read image"):
+        AnomalySource.from_folder(folder).sample((32, 32), torch.Generator().manual_seed(0))

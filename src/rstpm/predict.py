@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from rstpm.data import DataError, list_images, load_image
+from rstpm.data import IMAGE_EXTENSIONS, DataError, list_images, load_image
 from rstpm.detector import Detector, Prediction, PredictionError
 
 GLOB_CHARS = set("*?[")
@@ -37,10 +38,21 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
         elif path.exists() or path.is_symlink():
             out.append(path)  # a dangling link or non-image fails later, with its own error
         elif GLOB_CHARS & set(text):
+            # the folder-scan policy: image names (broken links too: they fail with their own
+            # error), other files skipped with a warning
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            files = [m for m in matches if m.is_file()]
+            candidates = [m for m in matches if m.is_file() or m.is_symlink()]
+            files = [m for m in candidates if m.suffix.lower() in IMAGE_EXTENSIONS]
+            skipped = sorted(m.name for m in candidates if m not in files)
+            if skipped:
+                shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+                warnings.warn(
+                    f"skipping {len(skipped)} non-image file(s) matched by {text}: {shown}",
+                    UserWarning,
+                    stacklevel=2,
+                )
             if not files:
-                raise DataError(f"pattern {text} matches no file; check the path")
+                raise DataError(f"pattern {text} matches no image; check the path")
             out.extend(files)
         else:
             raise DataError(f"{text} does not exist; check the path")

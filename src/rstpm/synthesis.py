@@ -40,10 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as nnf
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
@@ -519,15 +517,14 @@ class AnomalySource:
         """Decoded ``(3, h, w)`` uint8 image ``index`` (cached for small folders)."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
+        from rstpm.data import load_image  # the input policy: guarded, any mode and depth
+
         path = self.paths[index]
         try:
-            with Image.open(path) as pil:
-                array = np.asarray(pil.convert("RGB"), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise DataError(
-                f"cannot read anomaly-source image {path} ({error}); remove or replace the file"
-            ) from error
-        img = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+            rgb = load_image(path)
+        except DataError as error:
+            raise DataError(f"anomaly-source {error}") from error
+        img = (rgb * 255.0).round_().to(torch.uint8)
         if self._cache is not None:
             self._cache[index] = img
         return img

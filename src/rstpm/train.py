@@ -529,6 +529,19 @@ def _reusable_students(config: Config, students_from: Path) -> dict[str, torch.T
     return {k: v for k, v in state.items() if not k.startswith("discriminator.")}
 
 
+def _training_split(config: Config, data_root: Path) -> tuple[list, list]:
+    """The training and held-out normal samples, or a DataError (checked before any write)."""
+    samples = list_train_samples(data_root)
+    train_samples, val_samples = split_train_val(samples, config.val_fraction, config.seed)
+    if len(train_samples) < config.batch_size:
+        raise DataError(
+            f"{data_root}: {len(train_samples)} training images after holding out "
+            f"{len(val_samples)} for validation, fewer than --batch-size {config.batch_size}; "
+            "lower --batch-size or add images"
+        )
+    return train_samples, val_samples
+
+
 def fit(
     config: Config,
     data_root: Path,
@@ -545,6 +558,9 @@ def fit(
     written after every epoch (checkpoint.py); :func:`resume` continues an interrupted fit.
     """
     run_dir = Path(run_dir)
+    _training_split(config, Path(data_root))  # bad data fails before the run folder is touched
+    if students_from:
+        _reusable_students(config, Path(students_from))
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_checkpoint(run_dir)  # a new fit never continues an older one
     for name in (MANIFEST_FILE, RUN_FILE):  # the directory holds no complete run until the end
@@ -598,14 +614,7 @@ def _train(
 ) -> dict[str, Any]:
     data_root = Path(meta["data"])
     students_from = Path(meta["students_from"]) if meta["students_from"] else None
-    samples = list_train_samples(data_root)
-    train_samples, val_samples = split_train_val(samples, config.val_fraction, config.seed)
-    if len(train_samples) < config.batch_size:
-        raise DataError(
-            f"{data_root}: {len(train_samples)} training images after holding out "
-            f"{len(val_samples)} for validation, fewer than --batch-size {config.batch_size}; "
-            "lower --batch-size or add images"
-        )
+    train_samples, val_samples = _training_split(config, data_root)
     stage = resume_from[0]["stage"] if resume_from is not None else None
     reused = None
     if students_from is not None and stage is None:
