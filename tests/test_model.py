@@ -292,3 +292,21 @@ def test_channels_last_gives_close_maps_and_gradients_and_plain_weights() -> Non
     assert all(p.is_contiguous() for p in model.parameters()), (
         "switching back restores the plain layout"
     )
+
+
+def test_infer_returns_map_score_and_intermediate_maps_from_one_forward() -> None:
+    torch.manual_seed(0)
+    config = Config(
+        preset="lite", image_size=64, disc_epochs=1, teacher_weights=("random", "random")
+    )
+    model, _ = RSTPM.from_config(config)
+    model.discriminator.normalizer.fit(torch.rand(2, 3, 16, 16))
+    model.eval()
+    image = torch.rand(2, 3, 64, 64)
+    result = model.infer(image, "full", smoothing_sigma=4.0, intermediate=True)
+    torch.testing.assert_close(result.anomaly_map, model.anomaly_map(image, "full", 4.0))
+    torch.testing.assert_close(result.score, result.anomaly_map.flatten(1).amax(dim=1))
+    assert [o.shape[-1] for o in result.omegas] == [16, 8, 4, 4, 8, 16]
+    assert result.omega7.shape == (2, 64, 64)
+    lean = model.infer(image, "st")
+    assert lean.omegas is None and lean.omega7 is None

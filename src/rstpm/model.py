@@ -30,6 +30,16 @@ T2_STRIDES = (4, 8, 16)
 
 
 @dataclass
+class Inference:
+    """One forward pass of :meth:`RSTPM.infer`."""
+
+    anomaly_map: torch.Tensor  # (B, H, W) the variant's fused, smoothed map at the input size
+    score: torch.Tensor  # (B,) image scores: the map's maximum
+    omegas: list[torch.Tensor] | None = None  # Omega^1..6 (Eq. 2) at their own strides
+    omega7: torch.Tensor | None = None  # (B, H, W) the discriminative map, when computed
+
+
+@dataclass
 class TeacherFeatures:
     """The frozen teachers' maps of a batch: t1 at strides 4, 8, 16, 32; t2 at 4, 8, 16."""
 
@@ -191,6 +201,30 @@ class RSTPM(nn.Module):
         if any(v in NEEDS_OMEGA7 for v in variants):
             omega7 = self.discriminator.omega7(omegas, size)
         return {v: gaussian_blur(fuse(v, omegas, size, omega7), smoothing_sigma) for v in variants}
+
+    @torch.inference_mode()
+    def infer(
+        self,
+        image: torch.Tensor,
+        variant: str = "full",
+        smoothing_sigma: float = 0.0,
+        intermediate: bool = False,
+    ) -> Inference:
+        """ONE forward pass -> the variant's final map, the image scores and, on request, the
+        intermediate maps (Omega^1..6 and Omega^7)."""
+        check_variant(variant, self.discriminator is not None)
+        size = tuple(image.shape[-2:])
+        omegas = self(image)
+        omega7 = None
+        if variant in NEEDS_OMEGA7:
+            omega7 = self.discriminator.omega7(omegas, size)
+        final = gaussian_blur(fuse(variant, omegas, size, omega7), smoothing_sigma)
+        return Inference(
+            final,
+            final.flatten(1).amax(dim=1),
+            omegas if intermediate else None,
+            omega7 if intermediate else None,
+        )
 
     def anomaly_map(
         self, image: torch.Tensor, variant: str = "full", smoothing_sigma: float = 0.0
