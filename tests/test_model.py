@@ -258,13 +258,19 @@ def test_bf16_precision_keeps_maps_close_and_float32() -> None:
         model.set_precision("fp16")
 
 
-def test_channels_last_gives_close_maps_and_gradients_and_plain_weights() -> None:
+def small_model_with_discriminator() -> RSTPM:
+    """Random lite teachers, 64 px, a fitted (random) discriminative stage."""
     torch.manual_seed(0)
     config = Config(
         preset="lite", image_size=64, disc_epochs=1, teacher_weights=("random", "random")
     )
     model, _ = RSTPM.from_config(config)
     model.discriminator.normalizer.fit(torch.rand(2, 3, 16, 16))
+    return model
+
+
+def test_channels_last_gives_close_maps_and_gradients_and_plain_weights() -> None:
+    model = small_model_with_discriminator()
     image = torch.rand(2, 3, 64, 64)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -287,7 +293,7 @@ def test_channels_last_gives_close_maps_and_gradients_and_plain_weights() -> Non
     for a, b in zip(plain_maps, fast_maps, strict=True):  # forward: float32 rounding only
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     for a, b in zip(plain_grads, fast_grads, strict=True):  # backward: see set_channels_last
-        assert float((b - a).norm()) <= 0.03 * float(a.norm()) + 1e-7
+        assert float((b - a).norm()) <= 0.03 * float(a.norm()) + 1e-6  # ~0 gradients: noise
     model.set_channels_last(False)
     assert all(p.is_contiguous() for p in model.parameters()), (
         "switching back restores the plain layout"
@@ -295,12 +301,7 @@ def test_channels_last_gives_close_maps_and_gradients_and_plain_weights() -> Non
 
 
 def test_infer_returns_map_score_and_intermediate_maps_from_one_forward() -> None:
-    torch.manual_seed(0)
-    config = Config(
-        preset="lite", image_size=64, disc_epochs=1, teacher_weights=("random", "random")
-    )
-    model, _ = RSTPM.from_config(config)
-    model.discriminator.normalizer.fit(torch.rand(2, 3, 16, 16))
+    model = small_model_with_discriminator()
     model.eval()
     image = torch.rand(2, 3, 64, 64)
     result = model.infer(image, "full", smoothing_sigma=4.0, intermediate=True)

@@ -109,26 +109,24 @@ def binary_mask(amap: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(np.asarray(amap) >= threshold, 255, 0).astype(np.uint8)
 
 
-def _erode(region: np.ndarray) -> np.ndarray:
-    """3x3 erosion; pixels outside the array count as outside the region."""
+def _morph(region: np.ndarray, erode: bool) -> np.ndarray:
+    """3x3 erosion (``erode``) or dilation; pixels outside the array count as outside."""
     padded = np.pad(region, 1, constant_values=False)
     height, width = region.shape
-    out = np.ones_like(region)
+    out = np.ones_like(region) if erode else np.zeros_like(region)
     for dy in (0, 1, 2):
         for dx in (0, 1, 2):
-            out &= padded[dy : dy + height, dx : dx + width]
+            window = padded[dy : dy + height, dx : dx + width]
+            out = out & window if erode else out | window
     return out
+
+
+def _erode(region: np.ndarray) -> np.ndarray:
+    return _morph(region, erode=True)
 
 
 def _dilate(region: np.ndarray) -> np.ndarray:
-    """3x3 dilation; pixels outside the array count as outside the region."""
-    padded = np.pad(region, 1, constant_values=False)
-    height, width = region.shape
-    out = np.zeros_like(region)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            out |= padded[dy : dy + height, dx : dx + width]
-    return out
+    return _morph(region, erode=False)
 
 
 def region_contour(region: np.ndarray, width: int = 1, outside: bool = False) -> np.ndarray:

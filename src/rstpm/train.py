@@ -186,6 +186,18 @@ def student_state(model: RSTPM) -> dict[str, torch.Tensor]:
     }
 
 
+def _epoch_bar(name: str, first: int, last: int, progress: bool) -> Any:
+    """Epochs ``first..last`` with a progress bar that counts from 1 (also when resumed)."""
+    return tqdm(
+        range(first, last + 1),
+        initial=first - 1,
+        total=last,
+        desc=name,
+        unit="epoch",
+        disable=not progress,
+    )
+
+
 def _check_finite(loss: torch.Tensor, stage: str, epoch: int, lr: float, flag: str) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(
@@ -233,14 +245,7 @@ def train_students(
         first = meta["epoch"] + 1
         generator = restore_rng(meta, groups)
     n = len(train_images)
-    bar = tqdm(
-        range(first, config.epochs + 1),
-        initial=first - 1,
-        total=config.epochs,
-        desc="students",
-        unit="epoch",
-        disable=not progress,
-    )
+    bar = _epoch_bar("students", first, config.epochs, progress)
     log_epoch = logger_factory(bar)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -391,14 +396,7 @@ def train_discriminator(
             inputs, targets = groups["pool"]["inputs"], groups["pool"]["targets"]
         first = meta["epoch"] + 1
         generator = restore_rng(meta, groups)
-    bar = tqdm(
-        range(first, config.disc_epochs + 1),
-        initial=first - 1,
-        total=config.disc_epochs,
-        desc="disc",
-        unit="epoch",
-        disable=not progress,
-    )
+    bar = _epoch_bar("disc", first, config.disc_epochs, progress)
     log_epoch = logger_factory(bar)
     for epoch in bar:
         t0 = time.perf_counter()
