@@ -447,7 +447,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     outs = [run / f"test_{v}" for v in variants]
     for result in test_variants(run, data, variants, outs, progress=not args.quiet):
         _print_metrics(result)
-    print(f"run, maps and metrics in {run}")
+    print(f"run, maps, metrics and reports in {run}")
+    print(f"next: rstpm predict --run {run} {data / 'test'}/*/*.png --save-dir {root / 'verdicts'}")
 
 
 def main(argv: list[str] | None = None) -> int:
