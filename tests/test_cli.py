@@ -235,3 +235,14 @@ def test_bench_trains_a_grid_reuses_runs_and_writes_tables(
     assert main([*args, *grid]) == 0
     assert {p: (p / "weights.safetensors").stat().st_mtime_ns for p in mtimes} == mtimes
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+def test_demo_runs_offline_end_to_end(tmp_path: Path, capsys) -> None:
+    args = ["demo", "--out", str(tmp_path), "--epochs", "1", "--disc-epochs", "1", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("variant ") == 4  # stpm, st, disc, full
+    assert (tmp_path / "run" / "manifest.json").is_file()
+    assert (tmp_path / "run" / "thresholds.json").is_file()
+    assert (tmp_path / "run" / "test_full" / "report.html").is_file()
+    assert "rstpm predict --run" in out
