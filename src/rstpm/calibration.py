@@ -274,8 +274,8 @@ def _f1_thresholds(
     mask_root: Path | None,
     progress: bool,
 ) -> None:
-    from rstpm.data import image_size, list_test_samples, load_mask
-    from rstpm.evaluate import predict_maps
+    from rstpm.data import image_size, list_test_samples
+    from rstpm.evaluate import load_masks, predict_maps
     from rstpm.runs import load_run
 
     model, config, _ = load_run(run_dir)
@@ -286,10 +286,7 @@ def _f1_thresholds(
     sizes = [image_size(s.path) for s in samples]
     variants = list(thresholds)
     maps = predict_maps(model, samples, sizes, variants, config, progress=progress)
-    masks = [
-        load_mask(s.mask_path, expected_size=size, image_path=s.path) if s.mask_path else None
-        for s, size in zip(samples, sizes, strict=True)
-    ]
+    masks = load_masks(samples, sizes)
     with_masks = [i for i, m in enumerate(masks) if m is not None or not labels[i]]
     for variant in variants:
         t = thresholds[variant]

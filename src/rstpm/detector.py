@@ -24,7 +24,7 @@ from PIL import Image
 
 from rstpm.calibration import Thresholds, load_thresholds
 from rstpm.config import Config
-from rstpm.data import DataError, image_size, load_image, pil_to_tensor
+from rstpm.data import DataError, open_image, pil_to_tensor
 from rstpm.fusion import resize_map
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
@@ -94,8 +94,8 @@ def to_network_input(
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """One image as the network's (3, size, size) input in [0, 1] and its own (H, W)."""
     if isinstance(x, (str, Path)):
-        width, height = image_size(Path(x))
-        return load_image(Path(x), size), (height, width)
+        img = open_image(Path(x))  # one guarded read gives both the pixels and the own size
+        return pil_to_tensor(img, size, str(x)), (img.height, img.width)
     if isinstance(x, Image.Image):
         return pil_to_tensor(x, size, name), (x.height, x.width)
     if isinstance(x, np.ndarray):

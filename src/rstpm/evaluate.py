@@ -99,6 +99,18 @@ def predict_maps(
     return maps
 
 
+def load_masks(
+    samples: Sequence[Sample], sizes: Sequence[tuple[int, int]]
+) -> list[np.ndarray | None]:
+    """Each test sample's ground truth, checked against its image's (W, H) (None: no mask)."""
+    return [
+        load_mask(s.mask_path, expected_size=size, image_path=s.path)
+        if s.mask_path is not None
+        else None
+        for s, size in zip(samples, sizes, strict=True)
+    ]
+
+
 def verdict_counts(
     maps: Sequence[np.ndarray], samples: Sequence[Sample], threshold: float
 ) -> dict[str, Any]:
@@ -152,12 +164,7 @@ def test_variants(
         raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
     samples = list_test_samples(Path(data_root), mask_root)
     sizes = [image_size(s.path) for s in samples]  # (W, H)
-    masks = [
-        load_mask(s.mask_path, expected_size=size, image_path=s.path)
-        if s.mask_path is not None
-        else None
-        for s, size in zip(samples, sizes, strict=True)
-    ]
+    masks = load_masks(samples, sizes)
     thresholds = load_thresholds(run_dir)
     started = time.perf_counter()
     maps = predict_maps(model, samples, sizes, variants, config, batch_size, progress, batch_maps)
