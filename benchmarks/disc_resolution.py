@@ -15,8 +15,8 @@ import platform
 import torch
 from speed import median_time  # benchmarks/speed.py, next to this script
 
-from rstpm.discriminative import DiscriminativeStage
-from rstpm.focal_loss import focal_loss
+from rstpm.core.discriminative import DiscriminativeStage
+from rstpm.core.focal_loss import focal_loss
 
 
 def measure(side: int, batch: int, repeats: int) -> tuple[float, float]:

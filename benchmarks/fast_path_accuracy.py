@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from rstpm.config import Config
-from rstpm.evaluate import test_variants
-from rstpm.fusion import VARIANTS
-from rstpm.runs import RUN_FILE
-from rstpm.train import fit
+from rstpm.core.fusion import VARIANTS
+from rstpm.evaluation.evaluate import test_variants
+from rstpm.runs.run_dir import RUN_FILE
+from rstpm.training.fit import fit
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 

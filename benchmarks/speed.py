@@ -39,12 +39,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rstpm.config import Config
-from rstpm.data import list_train_samples, load_all_images
-from rstpm.focal_loss import focal_loss
-from rstpm.model import RSTPM
-from rstpm.synthesis import AnomalySource, PseudoAnomalySynthesizer
-from rstpm.synthetic import make_synthetic_category
-from rstpm.train import reduce_masks
+from rstpm.core.focal_loss import focal_loss
+from rstpm.core.model import RSTPM
+from rstpm.data.dataset import load_all_images
+from rstpm.data.layout import list_train_samples
+from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
+from rstpm.data.synthetic import make_synthetic_category
+from rstpm.runs.teachers import build_model
+from rstpm.training.discriminator import reduce_masks
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 N_TRAIN = 167  # bottle's 209 normal images minus the 20 % held out
@@ -152,7 +154,7 @@ def pool_step(
 
 def unet_step(config: Config, batch: int, precision: str, channels_last: bool) -> Callable:
     torch.manual_seed(0)
-    model = RSTPM.from_config(
+    model = build_model(
         Config.from_dict({**config.to_dict(), "teacher_weights": ("random", "random")})
     )[0]
     model.set_precision(precision).set_channels_last(channels_last)
@@ -195,7 +197,7 @@ def main() -> None:
 
     config = Config(preset="lite", image_size=size, disc_epochs=1)
     torch.manual_seed(0)
-    model, _ = RSTPM.from_config(config)
+    model, _ = build_model(config)
 
     # --- stage 1: students ------------------------------------------------------------------
     steps = math.ceil(N_TRAIN / 32)
@@ -278,12 +280,13 @@ def main() -> None:
     model.set_precision("fp32").set_channels_last(False)
     if not args.no_onnx:
         try:
-            from rstpm.export import AnomalyMapGraph, _session, _trace_to_onnx
+            from rstpm.inference.export import AnomalyMapGraph, _trace_to_onnx
+            from rstpm.inference.onnx_runtime import open_session
 
             onnx_bytes = _trace_to_onnx(
                 AnomalyMapGraph(model, "full", config.smoothing_sigma), size, 17
             )
-            session = _session(onnx_bytes, torch.get_num_threads())
+            session = open_session(onnx_bytes, torch.get_num_threads())
             for batch in (1, 16):
                 x = images[:batch].numpy()
                 with PeakMemory() as memory:

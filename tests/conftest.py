@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rstpm.synthetic import make_synthetic_category
+from rstpm.data.synthetic import make_synthetic_category
 
 SYNTHETIC_KWARGS = {
     "n_train": 20,

@@ -7,16 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from rstpm.calibration import (
+from rstpm.metrics.thresholds import (
     CalibrationError,
     NormalStatistics,
     Threshold,
     Thresholds,
     f1_optimal_threshold,
-    load_thresholds,
-    save_thresholds,
     threshold_at_rate,
 )
+from rstpm.runs.thresholds_file import load_thresholds, save_thresholds
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.05, 0.2])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rstpm.check import check_dataset
 from rstpm.cli import main
+from rstpm.data.check import check_dataset
 
 
 @pytest.fixture

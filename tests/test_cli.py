@@ -12,8 +12,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from rstpm.cli import main
-from rstpm.data import list_test_samples, load_mask
-from rstpm.metrics import aupro
+from rstpm.data.images import load_mask
+from rstpm.data.layout import list_test_samples
+from rstpm.metrics.protocol import aupro
 
 FIT_ARGS = ["--epochs", "2", "--batch-size", "8", "--image-size", "64", "--seed", "0", "--quiet"]
 FIT_ARGS += ["--disc-epochs", "2", "--disc-batch-size", "4"]

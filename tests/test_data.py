@@ -11,22 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rstpm.data import (
-    IMAGE_EXTENSIONS,
-    Batch,
-    DataError,
-    ImageDataset,
+from rstpm.data.dataset import Batch, ImageDataset, collate_batch, load_all_images, make_loader
+from rstpm.data.images import IMAGE_EXTENSIONS, DataError, image_size, load_image, load_mask
+from rstpm.data.layout import (
     Sample,
-    collate_batch,
-    image_size,
     is_mvtec_category,
     list_images,
     list_test_samples,
     list_train_samples,
-    load_all_images,
-    load_image,
-    load_mask,
-    make_loader,
     split_train_val,
 )
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from rstpm.discriminative import DiscriminativeUNet, InputNormalizer
-from rstpm.focal_loss import focal_loss
+from rstpm.core.discriminative import DiscriminativeUNet, InputNormalizer
+from rstpm.core.focal_loss import focal_loss
 
 
 @pytest.fixture(autouse=True)

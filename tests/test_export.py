@@ -12,21 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from rstpm import export
 from rstpm.cli import main
-from rstpm.data import ImageDataset, list_test_samples
-from rstpm.evaluate import read_tiff
-from rstpm.export import (
-    OPSET,
-    PARITY_RTOL,
-    ExportError,
-    OnnxMaps,
-    default_onnx_path,
-    export_onnx,
-    parity_bound,
-    sidecar_path,
-)
-from rstpm.runs import load_run
+from rstpm.data.dataset import ImageDataset
+from rstpm.data.layout import list_test_samples
+from rstpm.evaluation.evaluate import read_tiff
+from rstpm.inference import export
+from rstpm.inference.export import OPSET, PARITY_RTOL, export_onnx, parity_bound, sidecar_path
+from rstpm.inference.onnx_runtime import ExportError, OnnxMaps, default_onnx_path
+from rstpm.runs.run_dir import load_run
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

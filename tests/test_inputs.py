@@ -19,16 +19,16 @@ import pytest
 from PIL import Image
 
 from rstpm.cli import main
-from rstpm.data import (
+from rstpm.data.images import (
     MAX_IMAGE_PIXELS,
     MAX_PIXELS_ENV,
     DataError,
     image_size,
-    list_test_samples,
     load_image,
     max_image_pixels,
 )
-from rstpm.runs import is_run
+from rstpm.data.layout import list_test_samples
+from rstpm.runs.run_dir import is_run
 
 FIT_ARGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "64", "--disc-epochs", "0"]
 FIT_ARGS += ["--quiet"]
@@ -83,8 +83,8 @@ def write_odd_valid(folder: Path, source: Image.Image) -> dict[str, tuple[int, i
 
 
 def write_skipped(folder: Path) -> None:
-    """Files every folder scan skips: a non-image (with a warning), hidden and junk files and a
-    sub-folder (silently)."""
+    """Files every folder scan skips: a non-image (with a warning), hidden and junk files
+    (silently), and a sub-folder, which training folders skip silently and predict scans."""
     (folder / "notes.txt").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (folder / "._gray.png").write_bytes(b"\0\5\26\7 macOS resource fork")
@@ -265,7 +265,9 @@ def test_predict_processes_the_good_files_and_names_each_bad_one(
     assert not any(".DS_Store" in str(w.message) or "._gray" in str(w.message) for w in record)
     captured = capsys.readouterr()
     records = {Path(r["path"]).name: r for r in map(json.loads, captured.out.splitlines())}
-    assert set(records) == set(ODD_VALID) | set(BAD)
+    # predict scans sub-folders too (training folders do not): sub/ignored.png is an input here
+    assert set(records) == set(ODD_VALID) | set(BAD) | {"ignored.png"}
+    assert (save / "sub" / "ignored_overlay.png").is_file()
     for name, (_, phrase) in BAD.items():
         assert str(inbox / name) in records[name]["error"] and phrase in records[name]["error"]
         assert "\n" not in records[name]["error"]
@@ -486,7 +488,7 @@ def test_a_failing_fit_never_touches_an_existing_run(
 def test_globs_follow_the_folder_policy(synthetic_category: Path, tmp_path: Path) -> None:
     import shutil
 
-    from rstpm.predict import expand_inputs
+    from rstpm.inference.predict import expand_inputs
 
     folder = tmp_path / "inbox"
     shutil.copytree(synthetic_category / "test" / "good", folder)
@@ -503,7 +505,7 @@ def test_anomaly_source_textures_follow_the_input_policy(tmp_path: Path) -> None
     import torch
     from PIL import Image
 
-    from rstpm.synthesis import AnomalySource
+    from rstpm.data.synthesis import AnomalySource
 
     folder = tmp_path / "textures"
     folder.mkdir()

@@ -10,8 +10,9 @@ import pytest
 
 from rstpm.cli import main
 from rstpm.config import Config
-from rstpm.runs import MANIFEST_FILE, RUN_FORMAT, RunError, load_run, verify_run
-from rstpm.train import fit
+from rstpm.runs.files import RunError
+from rstpm.runs.run_dir import MANIFEST_FILE, RUN_FORMAT, load_run, verify_run
+from rstpm.training.fit import fit
 
 
 @pytest.fixture(scope="module")

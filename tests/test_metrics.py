@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from rstpm import metrics
-from rstpm.metrics import aupro, auroc, evaluate, pixel_metrics, pro_curve
+from rstpm.metrics import protocol as metrics
+from rstpm.metrics.protocol import aupro, auroc, evaluate, pixel_metrics, pro_curve
 
 # --------------------------------------------------------------------------------------
 # Independent brute-force reference

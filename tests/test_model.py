@@ -7,18 +7,12 @@ import math
 import pytest
 import torch
 
-from rstpm.backbones import RANDOM, WeightsError, build_pyramid, convert_by_order
 from rstpm.config import Config
-from rstpm.fusion import (
-    fuse,
-    fuse_full,
-    fuse_st,
-    fuse_stpm,
-    gaussian_blur,
-    per_resolution_sums,
-)
-from rstpm.losses import distance_map, student_teacher_loss
-from rstpm.model import RSTPM
+from rstpm.core.fusion import fuse, fuse_full, fuse_st, fuse_stpm, per_resolution_sums
+from rstpm.core.losses import distance_map, student_teacher_loss
+from rstpm.core.model import RSTPM
+from rstpm.core.smoothing import gaussian_blur
+from rstpm.runs.teachers import RANDOM, WeightsError, build_model, build_pyramid, convert_by_order
 
 RANDOM_TEACHERS = (RANDOM, RANDOM)
 
@@ -26,7 +20,7 @@ RANDOM_TEACHERS = (RANDOM, RANDOM)
 def small_model(preset: str, attention: str = "pair2") -> RSTPM:
     torch.manual_seed(0)
     config = Config(preset=preset, attention=attention, teacher_weights=RANDOM_TEACHERS)
-    model, _ = RSTPM.from_config(config)
+    model, _ = build_model(config)
     return model
 
 
@@ -223,7 +217,7 @@ def test_discriminative_stage_shapes_and_frozen_students(resolution: str) -> Non
     config = Config(
         preset="lite", image_size=64, disc_resolution=resolution, teacher_weights=RANDOM_TEACHERS
     )
-    model, _ = RSTPM.from_config(config)
+    model, _ = build_model(config)
     model.eval()
     image = torch.rand(2, 3, 64, 64)
     stage = model.discriminator
@@ -264,7 +258,7 @@ def small_model_with_discriminator() -> RSTPM:
     config = Config(
         preset="lite", image_size=64, disc_epochs=1, teacher_weights=("random", "random")
     )
-    model, _ = RSTPM.from_config(config)
+    model, _ = build_model(config)
     model.discriminator.normalizer.fit(torch.rand(2, 3, 16, 16))
     return model
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rstpm.overlay import (
+from rstpm.core.fusion import resize_map
+from rstpm.inference.overlay import (
     CONTOUR_COLOUR,
     binary_mask,
     colorize,
     region_contour,
     render_overlay,
-    resize_map,
     save_png,
 )
 

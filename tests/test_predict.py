@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from rstpm import Detector, Prediction
-from rstpm.calibration import load_thresholds
 from rstpm.cli import main
-from rstpm.data import DataError
+from rstpm.data.images import DataError
+from rstpm.metrics.protocol import auroc
+from rstpm.runs.thresholds_file import load_thresholds
 
 FIT_ARGS = ["--epochs", "2", "--batch-size", "8", "--image-size", "64", "--quiet"]
 FIT_ARGS += ["--disc-epochs", "2", "--disc-batch-size", "8", "--false-alarm-rate", "0.05"]
@@ -200,6 +201,11 @@ def test_test_reports_verdicts_at_the_threshold_consistent_with_predict(
     good = [p for p in flagged if "/good/" in p]
     assert sum(flagged[p] for p in good) == verdicts["false_alarms"]
     assert sum(flagged[p] for p in flagged if p not in good) == verdicts["detected"]
+    # one image score everywhere: test's image AUROC is that of predict's scores
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = np.array([r["score"] for r in records])
+    labels = np.array([p not in good for p in flagged])
+    assert auroc(scores, labels) == pytest.approx(metrics["overall"]["image_auroc"], abs=1e-12)
 
 
 def test_json_output_of_fit_and_threshold_is_clean_json(
@@ -214,3 +220,39 @@ def test_json_output_of_fit_and_threshold_is_clean_json(
     assert "students 2/2" not in captured.out
     assert main(["threshold", "--run", str(out), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"stpm", "st"}
+
+
+def test_predict_on_a_folder_recurses_into_sub_folders_and_mirrors_them(
+    run: Path, synthetic_category: Path, tmp_path: Path, capsys
+) -> None:
+    test_dir = synthetic_category / "test"
+    expected = sorted(p.relative_to(test_dir) for p in test_dir.rglob("*.png"))
+    save = tmp_path / "out"
+    assert main(["predict", "--run", str(run), str(test_dir), "--save-dir", str(save)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["path"]).relative_to(test_dir) for r in records] == expected
+    assert len({p.parts[0] for p in expected}) > 1  # good/ and the defect types
+    for rel in expected:
+        assert (save / rel.parent / f"{rel.stem}_overlay.png").is_file(), rel
+        assert (save / rel.parent / f"{rel.stem}_mask.png").is_file(), rel
+
+
+def test_a_warning_is_one_line_without_python_source_location(
+    run: Path, synthetic_category: Path, tmp_path: Path
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    inbox = tmp_path / "inbox" / "2026-11-29"
+    inbox.mkdir(parents=True)
+    shutil.copy(synthetic_category / "test" / "good" / "000.png", inbox / "a.png")
+    (inbox / "notes.txt").write_text("not an image")
+    command = [sys.executable, "-m", "rstpm", "predict", "--run", str(run), str(tmp_path / "inbox")]
+    done = subprocess.run([*command, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"rstpm predict: warning: skipping 1 non-image file(s) in {tmp_path / 'inbox'}: "
+        "2026-11-29/notes.txt"
+    ]
+    assert len(done.stdout.splitlines()) == 1

@@ -16,12 +16,14 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from rstpm.calibration import load_thresholds
 from rstpm.cli import main
-from rstpm.data import list_test_samples, load_mask
-from rstpm.evaluate import read_tiff
-from rstpm.metrics import pro_curve
-from rstpm.report import image_roc_curve, load_rgb, pro_curves, select_cases, write_report
+from rstpm.data.images import load_mask
+from rstpm.data.layout import list_test_samples
+from rstpm.evaluation.evaluate import read_tiff
+from rstpm.evaluation.report import load_rgb, select_cases, write_report
+from rstpm.metrics.curves import image_roc_curve, pro_curves
+from rstpm.metrics.protocol import pro_curve
+from rstpm.runs.thresholds_file import load_thresholds
 
 FIT_ARGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "64", "--seed", "0", "--quiet"]
 FIT_ARGS += ["--disc-epochs", "2", "--disc-batch-size", "8"]
@@ -100,7 +102,8 @@ def test_report_without_thresholds_or_pixel_ground_truth(
     samples, maps, masks = _maps_and_masks(tested_run, synthetic_category)
     result = json.loads((tested_run / "test" / "metrics.json").read_text())
     path = tmp_path / "plain.html"
-    write_report(path, result, samples, maps, masks, None, image_size_for_gallery=48)
+    scores = [float(m.max()) for m in maps]
+    write_report(path, result, samples, maps, masks, None, scores, image_size_for_gallery=48)
     page = path.read_text()
     assert "verdict: " not in page and "none calibrated" in page
     assert "alt='PRO curve'" in page and "alt='image ROC curve'" in page
@@ -108,7 +111,7 @@ def test_report_without_thresholds_or_pixel_ground_truth(
     no_masks = [None] * len(masks)
     for block in (result["overall"], *result["per_defect_type"].values()):
         block["pixel_auroc"] = block["pro"] = None
-    write_report(path, result, samples, maps, no_masks, None)
+    write_report(path, result, samples, maps, no_masks, None, scores)
     page = path.read_text()
     assert "no PRO curve" in page and "no image ROC curve" not in page
     # good images only
@@ -132,6 +135,7 @@ def test_report_without_thresholds_or_pixel_ground_truth(
         [maps[i] for i in good],
         [None] * len(good),
         None,
+        [scores[i] for i in good],
     )
     assert "no image ROC curve" in path.read_text()
 

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rstpm.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from rstpm.cli import main
 from rstpm.config import Config
-from rstpm.runs import RunError, load_weights
-from rstpm.train import TrainingError, fit, resume
+from rstpm.runs.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from rstpm.runs.files import RunError
+from rstpm.runs.run_dir import load_weights
+from rstpm.training.fit import fit, resume
+from rstpm.training.loop import TrainingError
 
 CONFIG = Config(
     preset="lite",
@@ -127,11 +129,11 @@ def test_a_damaged_checkpoint_is_a_clear_error(synthetic_category: Path, tmp_pat
 def test_nan_loss_stops_with_epoch_and_hint_and_keeps_the_last_good_checkpoint(
     synthetic_category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rstpm.model
+    import rstpm.core.model
 
     run = tmp_path / "run"
     config = Config.from_dict({**CONFIG.to_dict(), "disc_epochs": 0})
-    real = rstpm.model.distance_map
+    real = rstpm.core.model.distance_map
     poisoned = {"on": False}
 
     def distance_map(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,7 @@ def test_nan_loss_stops_with_epoch_and_hint_and_keeps_the_last_good_checkpoint(
     def poison_after(stage: str, epoch: int) -> None:
         poisoned["on"] = epoch == 1  # epoch 2 produces NaN losses
 
-    monkeypatch.setattr(rstpm.model, "distance_map", distance_map)
+    monkeypatch.setattr(rstpm.core.model, "distance_map", distance_map)
     with pytest.raises(TrainingError, match=r"student loss became nan in epoch 2; lower --lr"):
         fit(config, synthetic_category, run, progress=False, on_epoch_end=poison_after)
     assert load_checkpoint(run)[0]["epoch"] == 1  # the last good epoch is kept

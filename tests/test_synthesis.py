@@ -1,4 +1,4 @@
-"""Tests of the DRAEM pseudo-anomaly synthesis (rstpm.synthesis)."""
+"""Tests of the DRAEM pseudo-anomaly synthesis (rstpm.data.synthesis)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rstpm.synthesis import (
+from rstpm.data.synthesis import (
     AUGMENT_OPS,
     AnomalySource,
     PseudoAnomaly,

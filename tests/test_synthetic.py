@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rstpm.data import DataError, is_mvtec_category, list_test_samples, list_train_samples
-from rstpm.synthetic import (
+from rstpm.data.images import DataError
+from rstpm.data.layout import is_mvtec_category, list_test_samples, list_train_samples
+from rstpm.data.synthetic import (
     DEFECT_TYPES,
     MAX_DEFECT_FRACTION,
     MIN_DEFECT_FRACTION,

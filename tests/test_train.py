@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from rstpm.train import BestEpoch, reduce_masks
+from rstpm.training.discriminator import reduce_masks
+from rstpm.training.loop import BestEpoch
 
 
 def test_best_epoch_keeps_a_copy_of_the_lowest() -> None:

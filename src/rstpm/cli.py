@@ -7,16 +7,19 @@ the file and what to do, and exit code 2; nothing already written is destroyed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-from rstpm import __version__
-from rstpm.attention import PLACEMENTS
+from rstpm._version import __version__
 from rstpm.config import DISC_RESOLUTIONS, PRESETS, Config
-from rstpm.fusion import VARIANTS
-from rstpm.precision import PRECISIONS
+from rstpm.core.attention import PLACEMENTS
+from rstpm.core.fusion import VARIANTS
+from rstpm.core.precision import PRECISIONS
 
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +30,13 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--attention", choices=PLACEMENTS, default="pair2")
+    parser.add_argument(
+        "--smoothing-sigma",
+        type=float,
+        default=4.0,
+        metavar="PIXELS",
+        help="Gaussian smoothing of the final map at the input size (0: off)",
+    )
     parser.add_argument(
         "--teacher-weights",
         nargs=2,
@@ -224,6 +234,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         seed=args.seed,
         lr=args.lr,
         attention=args.attention,
+        smoothing_sigma=args.smoothing_sigma,
         teacher_weights=weights,
         cache_teacher_features=not args.no_cache,
         teacher2=args.teacher2,
@@ -271,11 +282,12 @@ def _log_for(args: argparse.Namespace):  # -> Callable[[str], None]
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from rstpm.runs import RunError, is_run
-    from rstpm.train import fit
+    from rstpm.runs.files import RunError
+    from rstpm.runs.run_dir import is_run
+    from rstpm.training.fit import fit
 
     if args.resume is not None:
-        from rstpm.train import resume
+        from rstpm.training.fit import resume
 
         args.out = args.resume
         info = resume(args.resume, progress=not args.quiet, log=_log_for(args))
@@ -312,7 +324,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    from rstpm.evaluate import test
+    from rstpm.evaluation.evaluate import test
 
     if args.onnx is not None and args.backend != "onnx":
         raise ValueError("--onnx FILE is used with --backend onnx only")
@@ -335,8 +347,8 @@ def cmd_test(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from rstpm.detector import Detector
-    from rstpm.predict import expand_inputs, predict_paths
+    from rstpm.inference.detector import Detector
+    from rstpm.inference.predict import expand_inputs, predict_paths
 
     if args.onnx is not None and args.backend != "onnx":
         raise ValueError("--onnx FILE is used with --backend onnx only")
@@ -370,7 +382,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from rstpm.check import check_dataset
+    from rstpm.data.check import check_dataset
 
     report = check_dataset(args.data, args.masks)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
@@ -378,7 +390,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_threshold(args: argparse.Namespace) -> None:
-    from rstpm.calibration import recalibrate_run
+    from rstpm.evaluation.recalibrate import recalibrate_run
 
     result = recalibrate_run(
         args.run,
@@ -399,7 +411,8 @@ def cmd_threshold(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from rstpm.export import default_onnx_path, export_onnx, sidecar_path
+    from rstpm.inference.export import export_onnx, sidecar_path
+    from rstpm.inference.onnx_runtime import default_onnx_path
 
     info = export_onnx(args.run, variant=args.variant, out=args.out)
     if args.json:
@@ -416,7 +429,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from rstpm.bench import bench
+    from rstpm.evaluation.bench import bench
 
     if args.students_from:
         raise ValueError("bench finds reusable students itself; drop --students-from")
@@ -426,9 +439,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from rstpm.evaluate import test_variants
-    from rstpm.synthetic import make_synthetic_category
-    from rstpm.train import fit
+    from rstpm.data.synthetic import make_synthetic_category
+    from rstpm.evaluation.evaluate import test_variants
+    from rstpm.training.fit import fit
 
     root = args.out or Path(tempfile.mkdtemp(prefix="rstpm-demo-"))
     data = make_synthetic_category(root / "data", n_train=60, size=128, seed=0)
@@ -451,12 +464,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"next: rstpm predict --run {run} {data / 'test'}/*/*.png --save-dir {root / 'verdicts'}")
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings printed as one line each, ``rstpm COMMAND: warning: ...``, without Python's
+    source location and line (the format only: filters and recorders still see them)."""
+
+    def one_line(message: Warning | str, *_: object, **__: object) -> str:
+        return f"rstpm {command}: warning: {message}\n"
+
+    saved = warnings.formatwarning
+    warnings.formatwarning = one_line  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rstpm.backbones import WeightsError
-    from rstpm.data import DataError
-    from rstpm.export import ExportError
-    from rstpm.runs import RunError
-    from rstpm.train import TrainingError
+    from rstpm.data.images import DataError
+    from rstpm.inference.onnx_runtime import ExportError
+    from rstpm.runs.files import RunError
+    from rstpm.runs.teachers import WeightsError
+    from rstpm.training.loop import TrainingError
 
     args = build_parser().parse_args(argv)
     handlers = {
@@ -470,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
     }
     try:
-        code = handlers[args.command](args)
+        with _one_line_warnings(args.command):
+            code = handlers[args.command](args)
     except (DataError, WeightsError, RunError, TrainingError, ExportError, ValueError) as error:
         print(f"rstpm {args.command}: error: {error}", file=sys.stderr)
         return 2

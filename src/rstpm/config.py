@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from rstpm.attention import PLACEMENTS
-from rstpm.precision import PRECISIONS
+from rstpm.core.attention import PLACEMENTS
+from rstpm.core.precision import PRECISIONS
 
 # Teacher architectures per preset (T1, T2). S1 = T1's architecture, randomly initialised.
 PRESETS: dict[str, tuple[str, str]] = {
@@ -36,10 +36,10 @@ class Config:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2  # held-out normal training images for checkpoint selection
     seed: int = 0
-    smoothing_sigma: float = 4.0  # Gaussian blur of the final map, in input pixels (0: off)
+    smoothing_sigma: float = 4.0  # Gaussian blur of the final map, input pixels (core/smoothing.py)
     cache_teacher_features: bool = True
-    precision: str = "fp32"  # fp32 (exact) | bf16 (autocast, see precision.py)
-    channels_last: bool = False  # NHWC layout: faster on CPUs, not bit-exact (model.py)
+    precision: str = "fp32"  # fp32 (exact) | bf16 (autocast, see core/precision.py)
+    channels_last: bool = False  # NHWC layout: faster on CPUs, not bit-exact (core/model.py)
     # The discriminative stage (method.md section 3): trained after the students, both frozen.
     disc_epochs: int = 300  # 0: no discriminative network (variants stpm and st only)
     disc_lr: float = 1e-4  # Adam
@@ -49,10 +49,10 @@ class Config:
     anomaly_source: str | None = None  # folder of texture images (DTD); None: procedural
     disc_pool_refresh: int = 1  # new pseudo-anomalies every N epochs (1: every epoch, exact)
     teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
-    # Thresholds calibrated at the end of fit on the held-out normals (calibration.py);
+    # Thresholds calibrated at the end of fit on the held-out normals (training/calibrate.py);
     # editable afterwards with `rstpm threshold`
     # a training checkpoint after an epoch once this many seconds passed since the last one,
-    # and after each stage's last epoch (0: every epoch); see checkpoint.py
+    # and after each stage's last epoch (0: every epoch); see runs/checkpoint.py
     checkpoint_interval: float = 60.0
     false_alarm_rate: float = 0.01
     pixel_false_alarm_rate: float = 0.001
@@ -83,10 +83,18 @@ class Config:
         for name in ("false_alarm_rate", "pixel_false_alarm_rate"):
             if not 0.0 < getattr(self, name) < 0.5:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in (0, 0.5)")
+        if self.smoothing_sigma < 0:
+            raise ValueError("--smoothing-sigma must be >= 0 pixels (0: no smoothing)")
         if self.checkpoint_interval < 0:
             raise ValueError("--checkpoint-interval must be >= 0 seconds")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie in (0, 1)")
+
+    @property
+    def default_variant(self) -> str:
+        """The variant a run serves unless asked otherwise: ``full`` (Eq. 7) when it trains a
+        discriminative network, else ``st`` (Eq. 5)."""
+        return "full" if self.disc_epochs > 0 else "st"
 
     @property
     def disc_map_size(self) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""`rstpm export`: one ONNX graph per variant, and the ONNX Runtime backend of `rstpm test`.
+"""`rstpm export`: one ONNX graph per variant (onnx_runtime.py runs it).
 
 The graph holds every network of a run (teachers with their mean/std normalisation, students,
 attention, the discriminative U-Net) and the fusion (Eq. 5 / Eq. 7) with the run's Gaussian
@@ -20,33 +20,40 @@ batch and its maps must match torch's within :func:`parity_bound` (relative
 (variant, sizes, opset, versions, sha256 of the graph and of the run's weights).
 
 ``onnx`` and ``onnxruntime`` are optional dependencies (``pip install 'rstpm[onnx]'``), imported
-only here and only when needed.
+only when needed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from rstpm import __version__
-from rstpm.config import Config
-from rstpm.fusion import check_variant
-from rstpm.runs import (
-    WEIGHTS_FILE,
-    RunError,
-    atomic_write_bytes,
-    atomic_write_json,
+from rstpm._version import __version__
+from rstpm.core.fusion import check_variant
+from rstpm.inference.onnx_runtime import (
+    INPUT_NAME,
+    META_IMAGE_SIZE,
+    META_SIGMA,
+    META_VARIANT,
+    META_VERSION,
+    META_WEIGHTS,
+    OUTPUT_NAMES,
+    ExportError,
+    default_onnx_path,
+    open_session,
+    require_module,
+    weights_sha256,
 )
+from rstpm.runs.files import atomic_write_bytes, atomic_write_json
+from rstpm.runs.run_dir import load_run
 
 OPSET = 17
 """ONNX opset of the exported graphs (ONNX Runtime >= 1.12 runs it)."""
@@ -57,53 +64,10 @@ PARITY_RTOL = 1e-4
 PARITY_FLOOR = 1e-7
 """Absolute floor of the allowed difference (for maps that are zero everywhere)."""
 
-EXPORT_DIR = "export"
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("anomaly_map", "score")
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
-INSTALL_HINT = "install the ONNX extra with `pip install 'rstpm[onnx]'` (onnx, onnxruntime)"
-
-# Keys of the graph's metadata_props, read back by OnnxMaps.
-META_VARIANT = "rstpm_variant"
-META_IMAGE_SIZE = "rstpm_image_size"
-META_SIGMA = "rstpm_smoothing_sigma"
-META_WEIGHTS = "rstpm_weights_sha256"
-META_VERSION = "rstpm_version"
-
-
-class ExportError(RuntimeError):
-    """An export failed or does not match torch, or an exported file is missing or unfit."""
-
-
-def _require(module: str) -> ModuleType:
-    """Import an optional dependency, or fail with how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ExportError(f"{module} is not installed: {INSTALL_HINT}") from error
-
-
-def default_onnx_path(run_dir: Path, variant: str) -> Path:
-    """``RUN_DIR/export/model-<variant>.onnx``."""
-    return Path(run_dir) / EXPORT_DIR / f"model-{variant}.onnx"
-
-
 def sidecar_path(onnx_path: Path) -> Path:
     """The JSON beside an exported graph: ``model-<variant>.json``."""
     return Path(onnx_path).with_suffix(".json")
-
-
-def config_default_variant(config: Config) -> str:
-    """evaluate.default_variant from the config alone: full with a discriminative net, else st."""
-    return "full" if config.disc_epochs > 0 else "st"
-
-
-def weights_sha256(run_dir: Path) -> str:
-    """sha256 of the run's weights file: ties an export to the weights it was made from."""
-    path = Path(run_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise RunError(f"{path} is missing: the run did not finish; re-run `rstpm fit`")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def parity_bound(reference: np.ndarray) -> float:
@@ -126,18 +90,6 @@ class AnomalyMapGraph(nn.Module):
         """(B, 3, S, S) in [0, 1] -> the (B, S, S) smoothed map and the (B,) image scores."""
         anomaly_map = self.model.anomaly_map(image, self.variant, self.smoothing_sigma)
         return anomaly_map, anomaly_map.amax(dim=(1, 2))
-
-
-def _session(source: bytes | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session of a serialized graph or a file."""
-    ort = _require("onnxruntime")
-    options = ort.SessionOptions()
-    threads = threads or torch.get_num_threads()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
-    model = source if isinstance(source, bytes) else str(source)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def _trace_to_onnx(graph: AnomalyMapGraph, image_size: int, opset: int) -> bytes:
@@ -184,7 +136,7 @@ def _declare_shape(value: Any, dims: Sequence[int | str]) -> None:
 def _finish(onnx_bytes: bytes, metadata: dict[str, str], image_size: int) -> bytes:
     """The traced graph with its declared shapes and rstpm's metadata_props, checked by
     onnx.checker. (The tracer's shape inference leaves the outputs' S x S symbolic.)"""
-    onnx = _require("onnx")
+    onnx = require_module("onnx")
     proto = onnx.load_from_string(onnx_bytes)
     size = image_size
     shapes = {
@@ -222,15 +174,12 @@ def export_onnx(
         ValueError: unknown variant, or one that needs a discriminative net the run lacks.
         ExportError: onnx/onnxruntime missing, or the graph does not match torch.
     """
-    from rstpm.evaluate import default_variant
-    from rstpm.runs import load_run
-
-    _require("onnx")
-    ort = _require("onnxruntime")
+    require_module("onnx")
+    ort = require_module("onnxruntime")
     run_dir = Path(run_dir)
     model, config, _ = load_run(run_dir, precision="fp32")  # the graph is exported in fp32
     model.set_channels_last(False)  # ONNX Runtime picks its own layouts
-    variant = variant or default_variant(model)
+    variant = variant or config.default_variant
     check_variant(variant, model.discriminator is not None)
     out = Path(out) if out is not None else default_onnx_path(run_dir, variant)
     size, sigma = config.image_size, config.smoothing_sigma
@@ -255,7 +204,7 @@ def export_onnx(
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(verify_batch, 3, size, size, generator=generator)
     reference = model.anomaly_map(images, variant, sigma).numpy()
-    onnx_map, onnx_score = _session(onnx_bytes).run(None, {INPUT_NAME: images.numpy()})
+    onnx_map, onnx_score = open_session(onnx_bytes).run(None, {INPUT_NAME: images.numpy()})
     difference = float(np.abs(onnx_map - reference).max())
     score_difference = float(np.abs(onnx_score - reference.reshape(verify_batch, -1).max(1)).max())
     bound = parity_bound(reference)
@@ -295,92 +244,3 @@ def export_onnx(
     return info
 
 
-class OnnxMaps:
-    """The ONNX Runtime backend of ``evaluate.predict_maps``: an exported graph's maps.
-
-    Called with a (B, 3, S, S) batch in [0, 1], returns ``{variant: (B, S, S) map}`` for the one
-    variant the graph holds.
-    """
-
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise ExportError(f"{path} does not exist: export the run with `rstpm export`")
-        _require("onnxruntime")
-        try:
-            self.session = _session(path, threads)
-        except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ExportError(
-                f"{path} is not a readable ONNX graph ({first}); re-run `rstpm export`"
-            ) from error
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if META_VARIANT not in metadata or META_IMAGE_SIZE not in metadata:
-            raise ExportError(f"{path} was not written by `rstpm export` (no rstpm metadata)")
-        self.path = path
-        self.variant: str = metadata[META_VARIANT]
-        self.image_size = int(metadata[META_IMAGE_SIZE])
-        self.weights_sha256: str | None = metadata.get(META_WEIGHTS)
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float32 in [0, 1] -> the (B, S, S) maps and (B,) scores."""
-        if images.ndim != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
-            raise ValueError(
-                f"{self.path} takes (B, 3, {self.image_size}, {self.image_size}) images, "
-                f"got {tuple(images.shape)}"
-            )
-        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)}
-        anomaly_map, score = self.session.run(list(OUTPUT_NAMES), feed)
-        return anomaly_map, score
-
-    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        anomaly_map, _ = self.predict(image.detach().cpu().numpy())
-        return {self.variant: torch.from_numpy(anomaly_map)}
-
-
-def onnx_backend(
-    run_dir: Path,
-    config: Config,
-    variants: Sequence[str | None],
-    onnx_path: Path | None = None,
-) -> OnnxMaps:
-    """The ONNX backend of a run for ``rstpm test --backend onnx``.
-
-    ``variants`` (None = default) must all be the one variant of the graph: ``onnx_path``'s, or,
-    without it, that of ``RUN_DIR/export/model-<variant>.onnx``. The graph must have been
-    exported from the run's current weights at its image size.
-    """
-    run_dir = Path(run_dir)
-    for variant in variants:
-        if variant is not None:
-            check_variant(variant, config.disc_epochs > 0)
-    if onnx_path is None:
-        wanted = sorted({v or config_default_variant(config) for v in variants})
-        if len(wanted) != 1:
-            raise ValueError(
-                f"the onnx backend runs one exported variant at a time, asked for {wanted}"
-            )
-        onnx_path = default_onnx_path(run_dir, wanted[0])
-        if not onnx_path.is_file():
-            raise ExportError(
-                f"{onnx_path} does not exist: export it first with "
-                f"`rstpm export --run {run_dir} --variant {wanted[0]}`"
-            )
-    maps = OnnxMaps(onnx_path)
-    for variant in variants:
-        if variant is not None and variant != maps.variant:
-            raise ValueError(
-                f"{onnx_path} holds variant {maps.variant!r} only: use --variant {maps.variant}, "
-                f"or export {variant!r} with `rstpm export --run {run_dir} --variant {variant}`"
-            )
-    if maps.image_size != config.image_size:
-        raise ExportError(
-            f"{onnx_path} takes {maps.image_size} px images, the run {config.image_size} px: "
-            f"it belongs to another run; re-run `rstpm export --run {run_dir}`"
-        )
-    if maps.weights_sha256 != weights_sha256(run_dir):
-        raise ExportError(
-            f"{onnx_path} was exported from other weights than {run_dir / WEIGHTS_FILE} "
-            f"(sha256 differs): re-run `rstpm export --run {run_dir} --variant {maps.variant}`"
-        )
-    return maps

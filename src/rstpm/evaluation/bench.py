@@ -20,19 +20,12 @@ from typing import Any
 import torch
 
 from rstpm.config import Config
-from rstpm.evaluate import test_variants
-from rstpm.fusion import VARIANTS
-from rstpm.paper_results import FULL_BY_CATEGORY, MEAN_BY_ABLATION, MEAN_BY_VARIANT
-from rstpm.runs import (
-    CONFIG_FILE,
-    LOG_FILE,
-    RUN_FILE,
-    atomic_write_bytes,
-    atomic_write_json,
-    is_run,
-    read_json,
-)
-from rstpm.train import fit
+from rstpm.core.fusion import VARIANTS
+from rstpm.evaluation.evaluate import test_variants
+from rstpm.evaluation.paper_results import FULL_BY_CATEGORY, MEAN_BY_ABLATION, MEAN_BY_VARIANT
+from rstpm.runs.files import atomic_write_bytes, atomic_write_json, read_json
+from rstpm.runs.run_dir import CONFIG_FILE, LOG_FILE, RUN_FILE, is_run
+from rstpm.training.fit import fit
 
 # Ablation name -> Config overrides (the paper's Tables III and IV, and our U-Net resolution).
 ABLATIONS: dict[str, dict[str, Any]] = {

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from rstpm.core.fusion import per_resolution_sums, resize_map
+from rstpm.core.precision import autocast
+
 MAX_WIDTH_MULTIPLIER = 8
 """Encoder widths grow as base * 2^i and stop at base * 8 (64, 128, 256, 512, 512, 512)."""
 
@@ -292,14 +295,10 @@ class DiscriminativeStage(nn.Module):
 
     def raw_inputs(self, omegas: list[torch.Tensor]) -> torch.Tensor:
         """(B, 3, h, w): [Omega^1 + Omega^6, Omega^2 + Omega^5, Omega^3 + Omega^4] at map_size."""
-        from rstpm.fusion import per_resolution_sums
-
         return torch.stack(per_resolution_sums(omegas, self.map_size), dim=1)
 
     def forward(self, raw_inputs: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2, h, w) of normal / anomalous, float32."""
-        from rstpm.precision import autocast
-
         scaled = self.normalizer(raw_inputs)
         if self.channels_last:
             scaled = scaled.contiguous(memory_format=torch.channels_last)
@@ -308,7 +307,5 @@ class DiscriminativeStage(nn.Module):
 
     def omega7(self, omegas: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Omega^7: the (B, H, W) anomaly probability at the image size ``size``."""
-        from rstpm.fusion import resize_map
-
         probability = DiscriminativeUNet.probability(self(self.raw_inputs(omegas)))
         return resize_map(probability, size)

@@ -25,15 +25,8 @@ from typing import Any
 import numpy as np
 
 from rstpm.config import Config
-from rstpm.data import (
-    GOOD,
-    IMAGE_EXTENSIONS,
-    DataError,
-    find_mask,
-    is_mvtec_category,
-    open_image,
-    scan_folder,
-)
+from rstpm.data.images import IMAGE_EXTENSIONS, DataError, open_image
+from rstpm.data.layout import GOOD, find_mask, is_mvtec_category, scan_folder
 
 __all__ = ["CheckReport", "Finding", "FolderCount", "SizeStats", "check_dataset"]
 

@@ -14,9 +14,9 @@ Omega^7, the discriminative network's output, comes from discriminative.Discrimi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,11 +24,24 @@ VARIANTS = ("stpm", "st", "disc", "full")
 NEEDS_OMEGA7 = ("disc", "full")
 
 
-def resize_map(omega: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a (B, H, W) map to ``size`` (H, W)."""
+def resize_map(
+    omega: torch.Tensor | np.ndarray, size: tuple[int, int], antialias: bool = False
+) -> torch.Tensor | np.ndarray:
+    """Bilinear resize (align_corners False) of a (B, H, W) tensor, or of one (H, W) array, to
+    ``size`` (H, W): the one resize of anomaly maps in rstpm (maps to an image's own size,
+    Omega^k to a common size, overlays). An array comes back as float32; ``antialias`` low-pass
+    filters when shrinking (for display)."""
+    if isinstance(omega, np.ndarray):
+        array = np.asarray(omega, dtype=np.float32)
+        if array.shape == tuple(size):
+            return array
+        return resize_map(torch.tensor(array)[None], size, antialias)[0].numpy()
     if tuple(omega.shape[-2:]) == tuple(size):
         return omega
-    return F.interpolate(omega.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+    resized = F.interpolate(
+        omega.unsqueeze(1), size=size, mode="bilinear", align_corners=False, antialias=antialias
+    )
+    return resized[:, 0]
 
 
 def per_resolution_sums(
@@ -89,25 +102,3 @@ def fuse(
     if variant == "disc":
         return resize_map(omega7, size)
     return fuse_full(omegas, omega7, size)
-
-
-def gaussian_blur(omega: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of a (B, H, W) map (sigma in pixels, 0 = none), kernel 2*ceil(4s)+1.
-
-    As STPM implementations do (sigma = 4 at 256 px); it suppresses single-pixel noise before
-    the image score (the max of the map) is taken. Reflect padding keeps borders unbiased.
-    """
-    if sigma <= 0:
-        return omega
-    radius = int(math.ceil(4 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=omega.dtype, device=omega.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = omega.unsqueeze(1)
-    pad_h, pad_w = min(radius, out.shape[-2] - 1), min(radius, out.shape[-1] - 1)
-    out = F.pad(out, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
-    k_w = kernel[radius - pad_w : radius + pad_w + 1]
-    k_h = kernel[radius - pad_h : radius + pad_h + 1]
-    out = F.conv2d(out, (k_w / k_w.sum()).view(1, 1, 1, -1))
-    out = F.conv2d(out, (k_h / k_h.sum()).view(1, 1, -1, 1))
-    return out[:, 0]

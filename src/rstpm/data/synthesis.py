@@ -45,7 +45,7 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
-from rstpm.data import IMAGE_EXTENSIONS, DataError
+from rstpm.data.images import IMAGE_EXTENSIONS, DataError, load_image
 
 __all__ = [
     "AUGMENT_OPS",
@@ -517,8 +517,6 @@ class AnomalySource:
         """Decoded ``(3, h, w)`` uint8 image ``index`` (cached for small folders)."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        from rstpm.data import load_image  # the input policy: guarded, any mode and depth
-
         path = self.paths[index]
         try:
             rgb = load_image(path)

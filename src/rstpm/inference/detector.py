@@ -6,9 +6,10 @@
     print(result.score, result.normalised_score, result.is_anomalous)
     heatmap = result.anomaly_map                    # (H, W) float32 at the image's own size
 
-Scores are the maximum of the variant's anomaly map (Eq. 5 or Eq. 7); the verdict and the
-normalised values come from the run's calibrated thresholds (calibration.py): anomalous when the
-score reaches the image threshold, i.e. when the normalised score is >= 0.5.
+Scores are the maximum of the variant's anomaly map (Eq. 5 or Eq. 7) at the network's input
+size; the verdict and the normalised values come from the run's calibrated thresholds
+(metrics/thresholds.py): anomalous when the score reaches the image threshold, i.e. when the
+normalised score is >= 0.5.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rstpm.calibration import Thresholds, load_thresholds
 from rstpm.config import Config
-from rstpm.data import DataError, open_image, pil_to_tensor
-from rstpm.fusion import resize_map
+from rstpm.core.fusion import resize_map
+from rstpm.data.images import DataError, open_image, pil_to_tensor
+from rstpm.inference.backends import BatchMaps, open_backend
+from rstpm.metrics.thresholds import Thresholds
+from rstpm.runs.thresholds_file import load_thresholds
+from rstpm.training.fit import fit
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -121,7 +125,7 @@ class Detector:
         run_dir: Path,
         config: Config,
         variant: str,
-        batch_maps: Any,
+        batch_maps: BatchMaps,
         thresholds: Thresholds | None,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -142,24 +146,13 @@ class Detector:
         """Load a finished run. ``variant``: stpm | st | disc | full (default: full, or st
         without discriminative network). ``backend``: torch, or onnx (the graph of
         ``rstpm export``)."""
-        from rstpm.evaluate import default_variant, torch_backend
-        from rstpm.runs import load_run, read_config
-
         run_dir = Path(run_dir)
-        if backend == "torch":
-            model, config, _ = load_run(run_dir, precision)
-            variant = variant or default_variant(model)
-            maps = torch_backend(model, [variant], config.smoothing_sigma)
-        elif backend == "onnx":
-            from rstpm.export import onnx_backend
-
-            config = read_config(run_dir)
-            maps = onnx_backend(run_dir, config, [variant], Path(onnx_path) if onnx_path else None)
-            variant = maps.variant
-        else:
-            raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
+        opened = open_backend(
+            run_dir, [variant], backend, precision, Path(onnx_path) if onnx_path else None
+        )
+        variant = opened.variants[0]
         thresholds = load_thresholds(run_dir).get(variant)
-        return cls(run_dir, config, variant, maps, thresholds)
+        return cls(run_dir, opened.config, variant, opened.batch_maps, thresholds)
 
     @classmethod
     def fit(
@@ -167,8 +160,6 @@ class Detector:
     ) -> Detector:
         """Train a run on the normal images of ``data`` (keyword arguments: Config fields,
         e.g. ``epochs=10``) and load it."""
-        from rstpm.train import fit
-
         fit(Config(**config), Path(data), Path(run_dir), progress=progress)
         return cls.load(run_dir)
 

@@ -31,19 +31,20 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-from rstpm import __version__
-from rstpm.calibration import Thresholds
-from rstpm.data import Sample, load_image
-from rstpm.overlay import colorize, encode_png, region_contour, render_overlay, resize_map
-from rstpm.runs import atomic_write_bytes
+from rstpm._version import __version__
+from rstpm.core.fusion import resize_map
+from rstpm.data.images import load_image
+from rstpm.data.layout import Sample
+from rstpm.inference.overlay import colorize, encode_png, region_contour, render_overlay
+from rstpm.metrics.curves import NORMAL_PIXEL_SAMPLE, image_roc_curve, pro_curves
+from rstpm.metrics.thresholds import Thresholds
+from rstpm.metrics.verdicts import Verdicts, count_verdicts
+from rstpm.runs.files import atomic_write_bytes
 
 __all__ = [
     "GALLERY_PER_GROUP",
-    "image_roc_curve",
     "load_rgb",
-    "pro_curves",
     "render_report",
     "select_cases",
     "write_report",
@@ -53,135 +54,9 @@ GALLERY_PER_GROUP = 4
 """Images per gallery group (e.g. "defective images with the lowest scores")."""
 
 PRO_FPR_LIMIT = 0.3
-_PRO_FPR_STEP = 0.001
-_PRO_FPR_SAMPLED = 0.5  # thresholds cover overall FPRs up to here (each subset reaches 0.3)
-_THRESHOLD_SAMPLE = 1_000_000  # normal pixels sampled to place the PRO thresholds
 _GROUND_TRUTH_COLOUR = (57, 255, 20)  # green: outer contour of the ground-truth mask
 _CONTOUR_WIDTH = 2  # gallery contours, in pixels of the gallery image
 _DPI = 100
-
-
-# --------------------------------------------------------------------------------------------
-# Curves
-# --------------------------------------------------------------------------------------------
-
-
-def image_roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The exact ROC curve of image scores: ``(fpr, tpr)`` from ``(0, 0)`` to ``(1, 1)``, one
-    point per distinct score (descending thresholds, ties together).
-
-    Raises:
-        ValueError: when ``labels`` (1 = defective) lack one of the two classes.
-    """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).astype(bool).ravel()
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("a ROC curve needs good and defective images")
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    ends = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)
-    tp = np.cumsum(y)[ends]
-    fp = ends + 1 - tp
-    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
-
-
-def pro_curves(
-    maps: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray | None],
-    subsets: dict[str, Sequence[int]],
-    fpr_step: float = _PRO_FPR_STEP,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """PRO curves of subsets of images, sampled at shared thresholds.
-
-    The thresholds are quantiles of (a sample of) the normal pixels of all images with a mask
-    or without defect, at overall FPRs ``fpr_step, 2 fpr_step, ..., 0.5``, plus the highest
-    normal value. For a threshold ``t`` the point is exact: FPR = normal pixels ``>= t`` / all
-    normal pixels of the subset, PRO = the mean over the subset's 8-connected ground-truth
-    regions of the fraction of each region's pixels ``>= t`` (scores compared as float32);
-    i.e. it is the point of :func:`rstpm.metrics.pro_curve` at the lowest score ``>= t``.
-
-    Args:
-        maps: one (H, W) map per image.
-        masks: per image its ground truth (nonzero = defect) or None (no defect pixel).
-        subsets: name -> indices of the images of that subset. A subset without defect region
-            or without normal pixel gets no curve.
-
-    Returns:
-        name -> ``(fpr, pro)``, ascending FPR, starting at ``(0, 0)``.
-    """
-    n = len(maps)
-    if len(masks) != n:
-        raise ValueError(f"got {n} maps but {len(masks)} masks")
-    if n == 0:
-        return {}
-    normal_total = sum(
-        int(np.size(m)) - (int(np.count_nonzero(k)) if k is not None else 0)
-        for m, k in zip(maps, masks, strict=True)
-    )
-    if normal_total == 0:
-        return {}
-    stride = max(1, normal_total // _THRESHOLD_SAMPLE)
-    sample = np.concatenate(
-        [_normal_values(m, k)[::stride] for m, k in zip(maps, masks, strict=True)]
-    )
-    levels = np.arange(fpr_step, _PRO_FPR_SAMPLED + fpr_step / 2, fpr_step)
-    thresholds = np.quantile(sample, 1.0 - levels).astype(np.float32)
-    thresholds = np.unique(np.append(thresholds, sample.max()))  # ascending, distinct
-    n_thr = thresholds.size
-
-    def counts_at_or_above(values: np.ndarray) -> np.ndarray:
-        """(n_thr,) number of ``values >= thresholds[j]``."""
-        bins = np.searchsorted(thresholds, values, side="right")  # thresholds <= value
-        hist = np.bincount(bins, minlength=n_thr + 1)
-        return np.cumsum(hist[::-1])[::-1][1:]
-
-    normal_ge = np.zeros((n, n_thr), dtype=np.int64)
-    normal_n = np.zeros(n, dtype=np.int64)
-    region_fractions: list[np.ndarray] = []  # per image (n_regions, n_thr)
-    for i, (amap, mask) in enumerate(zip(maps, masks, strict=True)):
-        amap = np.asarray(amap, dtype=np.float32)
-        values = _normal_values(amap, mask)
-        normal_n[i] = values.size
-        normal_ge[i] = counts_at_or_above(values)
-        if mask is None or not np.any(mask):
-            region_fractions.append(np.zeros((0, n_thr)))
-            continue
-        labels, n_regions = ndimage.label(np.asarray(mask) != 0, structure=np.ones((3, 3)))
-        inside = labels > 0
-        bins = np.searchsorted(thresholds, amap[inside], side="right")
-        joint = np.bincount(
-            (labels[inside] - 1) * (n_thr + 1) + bins, minlength=n_regions * (n_thr + 1)
-        ).reshape(n_regions, n_thr + 1)
-        at_or_above = np.cumsum(joint[:, ::-1], axis=1)[:, ::-1][:, 1:]
-        sizes = joint.sum(axis=1, keepdims=True)
-        region_fractions.append(at_or_above / sizes)
-
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, members in subsets.items():
-        members = list(members)
-        n_normal = int(normal_n[members].sum())
-        fractions = [region_fractions[i] for i in members]
-        if n_normal == 0 or sum(f.shape[0] for f in fractions) == 0:
-            continue
-        fpr = normal_ge[members].sum(axis=0) / n_normal
-        pro = np.concatenate(fractions).mean(axis=0)
-        # thresholds ascend, so reverse for ascending FPR
-        curves[name] = (np.r_[0.0, fpr[::-1]], np.r_[0.0, pro[::-1]])
-    return curves
-
-
-def _normal_values(amap: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    amap = np.asarray(amap, dtype=np.float32)
-    if mask is None:
-        return amap.ravel()
-    return amap[np.asarray(mask) == 0]
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -376,7 +251,7 @@ _GROUP_TITLES = {
 }
 
 
-def _metrics_table(result: dict, verdicts: dict[str, tuple[int, int, int, int]] | None) -> str:
+def _metrics_table(result: dict, verdicts: dict[str, Verdicts] | None) -> str:
     head = ["set", "image AUROC", "pixel AUROC", "PRO", "images", "good", "defective"]
     if verdicts is not None:
         head += ["detected", "false alarms"]
@@ -396,9 +271,9 @@ def _metrics_table(result: dict, verdicts: dict[str, tuple[int, int, int, int]] 
             f"<td>{m.get('n_defective', '')}</td>",
         ]
         if verdicts is not None:
-            detected, n_def, alarms, n_good = verdicts[name]
-            cells.append(f"<td>{detected} / {n_def}</td>")
-            cells.append(f"<td>{alarms} / {n_good}</td>")
+            v = verdicts[name]
+            cells.append(f"<td>{v.detected} / {v.n_defective}</td>")
+            cells.append(f"<td>{v.false_alarms} / {v.n_good}</td>")
         out.append(f"<tr{css}>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -435,23 +310,6 @@ def _facts(result: dict, thresholds: Thresholds | None) -> str:
     return f"<div class='card'><dl class='facts'>{body}</dl></div>"
 
 
-def _verdict_counts(
-    scores: np.ndarray, types: list[str], result: dict, threshold: float
-) -> dict[str, tuple[int, int, int, int]]:
-    flagged = scores >= threshold
-    good = np.array([t == "good" for t in types])
-    counts = {}
-    for name in ["overall", *result["per_defect_type"]]:
-        defective = ~good if name == "overall" else np.array([t == name for t in types])
-        counts[name] = (
-            int(np.count_nonzero(flagged & defective)),
-            int(np.count_nonzero(defective)),
-            int(np.count_nonzero(flagged & good)),
-            int(np.count_nonzero(good)),
-        )
-    return counts
-
-
 def _gallery_tile(
     sample: Sample,
     amap: np.ndarray,
@@ -468,14 +326,14 @@ def _gallery_tile(
         image = np.asarray(
             Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
         )
-    small = resize_map(amap, size)
+    small = resize_map(amap, size, antialias=True)
     if thresholds is not None:
         small = np.asarray(thresholds.pixel.normalise(small), dtype=np.float32)
         tile = render_overlay(image, small, 0.0, 1.0, 0.5, contour_width=_CONTOUR_WIDTH)
     else:
         tile = render_overlay(image, small, vmin, vmax, None)
     if mask is not None and np.any(mask):
-        truth = resize_map(np.asarray(mask, dtype=np.float32), size) >= 0.5
+        truth = resize_map(np.asarray(mask, dtype=np.float32), size, antialias=True) >= 0.5
         tile[region_contour(truth, _CONTOUR_WIDTH, outside=True)] = _GROUND_TRUTH_COLOUR
     defective = sample.defect_type != "good"
     lines = [
@@ -533,17 +391,20 @@ def render_report(
     maps: Sequence[np.ndarray],
     masks: Sequence[np.ndarray | None],
     thresholds: Thresholds | None,
+    scores: Sequence[float],
     image_size_for_gallery: int = 256,
 ) -> str:
     """The report's HTML (see :func:`write_report`)."""
     n = len(samples)
-    if len(maps) != n or len(masks) != n:
-        raise ValueError(f"got {n} samples, {len(maps)} maps and {len(masks)} masks")
+    if len(maps) != n or len(masks) != n or len(scores) != n:
+        raise ValueError(
+            f"got {n} samples, {len(maps)} maps, {len(masks)} masks and {len(scores)} scores"
+        )
     if n == 0:
         raise ValueError("no test images")
     types = [s.defect_type for s in samples]
     labels = np.array([t != "good" for t in types], dtype=bool)
-    scores = np.array([float(np.max(m)) for m in maps], dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
     threshold = thresholds.image.value if thresholds is not None else None
     variant = html.escape(str(result.get("variant", "")))
 
@@ -552,13 +413,14 @@ def render_report(
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>rstpm report: {variant}</title><style>{_STYLE}</style></head><body><main>",
         f"<h1>Anomaly detection report &mdash; variant <code>{variant}</code></h1>",
-        "<p class='sub'>image score = max of the anomaly map; per defect type: the good images "
-        "plus the images of that type (MVTec protocol); PRO integrated to FPR 0.3</p>",
+        "<p class='sub'>image score = max of the anomaly map at the network's input size; per "
+        "defect type: the good images plus the images of that type (MVTec protocol); PRO "
+        "integrated to FPR 0.3</p>",
         _facts(result, thresholds),
         "<h2>Metrics</h2>",
         _metrics_table(
             result,
-            _verdict_counts(scores, types, result, threshold) if threshold is not None else None,
+            count_verdicts(scores, types, threshold) if threshold is not None else None,
         ),
     ]
     if threshold is not None:
@@ -597,7 +459,7 @@ def render_report(
 
     # gallery
     good_maps = [m for m, bad in zip(maps, labels, strict=True) if not bad] or list(maps)
-    stride = max(1, sum(int(np.size(m)) for m in good_maps) // _THRESHOLD_SAMPLE)
+    stride = max(1, sum(int(np.size(m)) for m in good_maps) // NORMAL_PIXEL_SAMPLE)
     vmin = float(np.median(np.concatenate([np.ravel(m)[::stride] for m in good_maps])))
     vmax = float(scores.max())
     cases = select_cases(scores, labels)
@@ -642,6 +504,7 @@ def write_report(
     maps: list[np.ndarray],
     masks: list[np.ndarray | None],
     thresholds: Thresholds | None,
+    scores: Sequence[float],
     image_size_for_gallery: int = 256,
 ) -> None:
     """Write the self-contained HTML report of one evaluated variant, atomically.
@@ -652,12 +515,14 @@ def write_report(
             ``per_defect_type`` from :func:`rstpm.metrics.evaluate`, plus ``variant``, ``run``,
             ``data``, ``backend``...).
         samples: the test :class:`~rstpm.data.Sample` objects, in the order of ``maps``.
-        maps: each image's anomaly map at its own resolution (image score = its max).
+        maps: each image's anomaly map at its own resolution.
         masks: each image's ground truth (bool, same shape) or None.
         thresholds: the variant's calibrated thresholds, or None: then the histogram has no
             threshold line, the gallery shows raw heatmaps without contours or verdicts.
         image_size_for_gallery: longest side of the gallery images in pixels (resized
             bilinearly, map included, before the contours are drawn: they stay 1 px thin).
+        scores: each image's score (the max of its map at the network's size,
+            rstpm.inference.maps).
     """
-    page = render_report(result, samples, maps, masks, thresholds, image_size_for_gallery)
+    page = render_report(result, samples, maps, masks, thresholds, scores, image_size_for_gallery)
     atomic_write_bytes(Path(path), page.encode("utf-8"))

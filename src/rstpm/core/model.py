@@ -4,7 +4,8 @@ discriminative network.
 Pair 1 (STPM): T1 and S1 (same architecture, S1 random) at strides 4, 8, 16 -> Omega^1..Omega^3.
 Pair 2: S2 (decoder.py) reconstructs T2's strides 16, 8, 4 from T1's stride 32 -> Omega^4..Omega^6.
 Discriminative stage (discriminative.py): Omega^7 from the per-resolution sums of Eq. 5.
-No training loop lives here (see train.py); the teachers stay frozen in eval mode.
+No training loop lives here (rstpm.training), and no file: the networks are built with their
+weights by rstpm.runs.teachers.build_model. The teachers stay frozen in eval mode.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rstpm.attention import TeacherAttention
-from rstpm.backbones import RANDOM, FeaturePyramid, WeightsInfo, build_pyramid, freeze
-from rstpm.config import Config
-from rstpm.decoder import ReconstructionDecoder
-from rstpm.discriminative import DiscriminativeStage
-from rstpm.fusion import NEEDS_OMEGA7, check_variant, fuse, gaussian_blur
-from rstpm.losses import distance_map
-from rstpm.precision import autocast
+from rstpm.core.attention import TeacherAttention
+from rstpm.core.backbones import FeaturePyramid, freeze
+from rstpm.core.decoder import ReconstructionDecoder
+from rstpm.core.discriminative import DiscriminativeStage
+from rstpm.core.fusion import NEEDS_OMEGA7, check_variant, fuse
+from rstpm.core.losses import distance_map
+from rstpm.core.precision import autocast
+from rstpm.core.smoothing import gaussian_blur
 
 PAIR1_STRIDES = (4, 8, 16)
 T1_STRIDES = (4, 8, 16, 32)
@@ -88,25 +89,6 @@ class RSTPM(nn.Module):
         self.discriminator = discriminator
         self.precision = "fp32"  # or "bf16": see precision.py; a runtime choice, not a weight
         self.channels_last = False  # memory layout of activations: see set_channels_last
-
-    @classmethod
-    def from_config(
-        cls, config: Config, student_weights: str = RANDOM
-    ) -> tuple[RSTPM, dict[str, WeightsInfo]]:
-        """Build the model of a config; teachers get their ImageNet weights (or an error)."""
-        w1, w2 = config.teacher_weights
-        teacher1, info1 = build_pyramid(config.teacher1, w1, T1_STRIDES)
-        teacher2, info2 = build_pyramid(config.teacher2, w2, T2_STRIDES)
-        student1, _ = build_pyramid(config.teacher1, student_weights, PAIR1_STRIDES)
-        discriminator = (
-            DiscriminativeStage(config.disc_map_size, config.disc_base_width)
-            if config.disc_epochs > 0
-            else None
-        )
-        model = cls(
-            teacher1, teacher2, student1, config.attention, config.decoder_widths, discriminator
-        )
-        return model, {"teacher1": info1, "teacher2": info2}
 
     def set_precision(self, precision: str) -> RSTPM:
         """fp32 (exact) or bf16 autocast for every network of the model (precision.py)."""

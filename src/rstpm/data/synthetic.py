@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from rstpm.data import DataError
+from rstpm.data.images import DataError
 
 __all__ = [
     "DEFECT_TYPES",

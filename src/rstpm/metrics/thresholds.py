@@ -20,16 +20,13 @@ images can exceed the target.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-THRESHOLDS_FILE = "thresholds.json"
 DEFAULT_FALSE_ALARM_RATE = 0.01
 DEFAULT_PIXEL_FALSE_ALARM_RATE = 0.001
 # upper-tail probabilities at which normal pixel values are stored (recalibration without
@@ -190,126 +187,3 @@ def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float,
     best = int(np.argmax(f1))
     lower = s[cut[best] + 1] if cut[best] + 1 < s.size else s[cut[best]] - 1e-6
     return float(0.5 * (s[cut[best]] + lower)), float(f1[best])
-
-
-def save_thresholds(run_dir: Path, thresholds: dict[str, Thresholds]) -> None:
-    from rstpm.runs import atomic_write_json
-
-    atomic_write_json(
-        Path(run_dir) / THRESHOLDS_FILE, {k: v.to_dict() for k, v in thresholds.items()}
-    )
-
-
-def load_thresholds(run_dir: Path) -> dict[str, Thresholds]:
-    """The run's thresholds per variant ({} for a run without calibration)."""
-    path = Path(run_dir) / THRESHOLDS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        return {k: Thresholds.from_dict(v) for k, v in data.items()}
-    except (ValueError, KeyError, TypeError) as error:
-        raise CalibrationError(
-            f"{path} is damaged ({error}); re-create it with `rstpm threshold --run {run_dir}`"
-        ) from error
-
-
-MAX_F1_PIXELS = 4_000_000  # pixel F1 on a labelled set: an even subsample of at most this many
-
-
-def _normals_of_run(run_dir: Path) -> dict[str, NormalStatistics]:
-    """Normal statistics recomputed from the held-out images recorded in run.json."""
-    from rstpm.data import Sample, load_all_images
-    from rstpm.runs import RUN_FILE, load_run
-    from rstpm.train import calibrate_thresholds
-
-    model, config, info = load_run(run_dir)
-    paths = info.get("val_images")
-    if not paths:
-        raise CalibrationError(f"{Path(run_dir) / RUN_FILE} lists no held-out normal images")
-    samples = [Sample(Path(p), "good") for p in paths]
-    images = load_all_images(samples, config.image_size, progress=False)
-    return {k: v.normals for k, v in calibrate_thresholds(model, config, images).items()}
-
-
-def recalibrate_run(
-    run_dir: Path,
-    false_alarm_rate: float | None = None,
-    pixel_false_alarm_rate: float | None = None,
-    labelled: Path | None = None,
-    mask_root: Path | None = None,
-    progress: bool = False,
-) -> dict[str, Thresholds]:
-    """New thresholds for every variant of a run, written to RUN/thresholds.json.
-
-    From normals (default): the given target rates (or the previous ones) on the stored
-    held-out normal statistics. From a ``labelled`` test set: the F1-optimal image and pixel
-    thresholds (metrics measured afterwards on that same set are then optimistic)."""
-    from rstpm.runs import read_config
-
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    current = load_thresholds(run_dir)
-    normals = {k: v.normals for k, v in current.items()} if current else _normals_of_run(run_dir)
-    result: dict[str, Thresholds] = {}
-    for variant, stats in normals.items():
-        old = current.get(variant)
-        rate = false_alarm_rate or (old and old.image.false_alarm_rate) or config.false_alarm_rate
-        pixel_rate = (
-            pixel_false_alarm_rate
-            or (old and old.pixel.false_alarm_rate)
-            or config.pixel_false_alarm_rate
-        )
-        result[variant] = Thresholds.from_normals(variant, stats, rate, pixel_rate)
-    if labelled is not None:
-        _f1_thresholds(run_dir, result, Path(labelled), mask_root, progress)
-    save_thresholds(run_dir, result)
-    return result
-
-
-def _f1_thresholds(
-    run_dir: Path,
-    thresholds: dict[str, Thresholds],
-    data: Path,
-    mask_root: Path | None,
-    progress: bool,
-) -> None:
-    from rstpm.data import image_size, list_test_samples
-    from rstpm.evaluate import load_masks, predict_maps
-    from rstpm.runs import load_run
-
-    model, config, _ = load_run(run_dir)
-    samples = list_test_samples(data, mask_root)
-    labels = np.array([s.label for s in samples], dtype=bool)
-    if labels.all() or not labels.any():
-        raise CalibrationError(f"{data}: F1 calibration needs both good and defective images")
-    sizes = [image_size(s.path) for s in samples]
-    variants = list(thresholds)
-    maps = predict_maps(model, samples, sizes, variants, config, progress=progress)
-    masks = load_masks(samples, sizes)
-    with_masks = [i for i, m in enumerate(masks) if m is not None or not labels[i]]
-    for variant in variants:
-        t = thresholds[variant]
-        scores = np.array([float(m.max()) for m in maps[variant]])
-        value, f1 = f1_optimal_threshold(scores, labels)
-        median = float(np.median(t.normals.image_scores))
-        t.image = Threshold(
-            value, logistic_scale(value, median), f"F1-optimal on {data} (F1 {f1:.3f})"
-        )
-        if any(masks[i] is not None for i in with_masks):
-            pix = np.concatenate([maps[variant][i].ravel() for i in with_masks])
-            truth = np.concatenate(
-                [
-                    (masks[i] > 0).ravel()
-                    if masks[i] is not None
-                    else np.zeros(maps[variant][i].size, bool)
-                    for i in with_masks
-                ]
-            )
-            step = max(1, pix.size // MAX_F1_PIXELS)
-            value, f1 = f1_optimal_threshold(pix[::step], truth[::step])
-            t.pixel = Threshold(
-                value,
-                logistic_scale(value, t.normals.pixel_median),
-                f"F1-optimal on the pixels of {data} (F1 {f1:.3f})",
-            )

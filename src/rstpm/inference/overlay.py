@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rstpm.runs import atomic_write_bytes
+from rstpm.core.fusion import resize_map
+from rstpm.runs.files import atomic_write_bytes
 
 __all__ = [
     "CONTOUR_COLOUR",
@@ -23,7 +24,6 @@ __all__ = [
     "encode_png",
     "region_contour",
     "render_overlay",
-    "resize_map",
     "save_png",
 ]
 
@@ -89,19 +89,6 @@ def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     scaled = np.clip(np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
     index = np.round(scaled * (len(_LUT) - 1)).astype(np.intp)
     return _LUT[index]
-
-
-def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A float32 copy of ``amap`` resized bilinearly to ``size`` = (height, width).
-
-    PIL's bilinear filter, antialiased when shrinking; returned unchanged (as float32) when the
-    size already matches."""
-    amap = np.asarray(amap, dtype=np.float32)
-    height, width = int(size[0]), int(size[1])
-    if amap.shape == (height, width):
-        return amap
-    image = Image.fromarray(np.ascontiguousarray(amap))  # float32 -> mode "F"
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def binary_mask(amap: np.ndarray, threshold: float) -> np.ndarray:
@@ -186,7 +173,7 @@ def render_overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     height, width = image.shape[:2]
-    amap = resize_map(amap, (height, width))
+    amap = resize_map(np.asarray(amap), (height, width), antialias=True)
     colours = colorize(amap, vmin, vmax).astype(np.float32)
     blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
     out = np.clip(np.round(blend), 0, 255).astype(np.uint8)

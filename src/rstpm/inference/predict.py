@@ -1,10 +1,10 @@
 """`rstpm predict`: verdicts for files, folders and globs, with overlays and masks on request.
 
 Input policy: a file given by name must be a readable image (else a one-line error for it and
-the others go on); folders are scanned non-recursively and their non-image files are skipped
-with a warning (data.list_images); a pattern with * ? [ ] is expanded like a shell glob
-(recursively with **). Outputs under ``--save-dir`` mirror the inputs' paths relative to their
-common folder, so equal names in different folders never collide.
+the others go on); folders are scanned with their sub-folders and their non-image files are
+skipped with a warning (rstpm.data.layout.list_images); a pattern with * ? [ ] is expanded like
+a shell glob (recursively with **). Outputs under ``--save-dir`` mirror the inputs' paths
+relative to their common folder, so equal names in different folders never collide.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rstpm.data import IMAGE_EXTENSIONS, DataError, list_images, load_image
-from rstpm.detector import Detector, Prediction, PredictionError
+from rstpm.data.images import IMAGE_EXTENSIONS, DataError, load_image
+from rstpm.data.layout import list_images
+from rstpm.inference.detector import Detector, Prediction, PredictionError
+from rstpm.inference.overlay import binary_mask, render_overlay, save_png
 
 GLOB_CHARS = set("*?[")
 
@@ -34,7 +36,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
         text = str(raw)
         path = Path(text)
         if path.is_dir():
-            out.extend(list_images(path))
+            out.extend(list_images(path, recursive=True))
         elif path.exists() or path.is_symlink():
             out.append(path)  # a dangling link or non-image fails later, with its own error
         elif GLOB_CHARS & set(text):
@@ -74,8 +76,6 @@ def output_stems(paths: Sequence[Path], save_dir: Path) -> list[Path]:
 
 def save_outputs(prediction: Prediction, stem: Path) -> dict[str, str]:
     """Overlay PNG (image, heatmap, contour of the thresholded region) and binary mask PNG."""
-    from rstpm.overlay import binary_mask, render_overlay, save_png
-
     image = load_image(Path(prediction.path))  # own size, RGB [0, 1]
     rgb = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     if prediction.normalised_map is not None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rstpm.attention import TeacherAttention
+from rstpm.core.attention import TeacherAttention
 
 
 class BasicBlock(nn.Module):

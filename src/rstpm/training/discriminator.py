@@ -1,0 +1,188 @@
+"""Stage 2: the discriminative network (method.md section 3), students and teachers frozen.
+
+* DRAEM pseudo-anomalies (rstpm.data.synthesis) of the training images go through the frozen
+  networks; the U-Net learns Omega^7 from Eq. 5's per-resolution sums with the focal loss
+  (Eq. 6), Adam lr 1e-4, 300 epochs by default. Its inputs are scaled with statistics of the
+  normal training images (stored in the run). Masks are reduced to the U-Net's map size by area
+  averaging, thresholded at 0.5.
+* Checkpoint: the epoch with the lowest focal loss on a fixed set of pseudo-anomalies made from
+  the held-out normal images (never the test set).
+* ``disc_pool_refresh`` N > 1 reuses one set of pseudo-anomalies (and their frozen-network maps)
+  for N epochs: faster, not exact. 1 (default) synthesises new ones every epoch as DRAEM does.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rstpm.config import Config
+from rstpm.core.focal_loss import focal_loss
+from rstpm.core.model import RSTPM
+from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
+from rstpm.runs.checkpoint import optimizer_tensors, restore_optimizer
+from rstpm.training.loop import Resume, Tensors, check_finite
+
+
+@torch.no_grad()
+def discriminator_inputs(model: RSTPM, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Raw U-Net inputs (Eq. 5's per-resolution sums at the U-Net's map size) of ``images``,
+    through the frozen teachers and students."""
+    model.eval()
+    parts = [
+        model.discriminator.raw_inputs(model(images[i : i + batch_size]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def reduce_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, H, W) {0,1} masks -> (N, h, w) {0,1}: area average >= 0.5."""
+    if tuple(masks.shape[-2:]) != tuple(size):
+        masks = torch.nn.functional.interpolate(masks, size=size, mode="area")
+    return (masks[:, 0] >= 0.5).float()
+
+
+def make_pool(
+    model: RSTPM,
+    synthesizer: PseudoAnomalySynthesizer,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-anomalies of ``images`` and their U-Net inputs and targets at the map size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the synthesis works on small tensors: one thread is faster
+    try:
+        anomalous, masks = synthesizer.batch(images, generator)
+    finally:
+        torch.set_num_threads(threads)
+    inputs = discriminator_inputs(model, anomalous, batch_size)
+    return inputs, reduce_masks(masks, model.discriminator.map_size)
+
+
+def anomaly_source(config: Config) -> AnomalySource:
+    if config.anomaly_source:
+        return AnomalySource.from_folder(Path(config.anomaly_source))
+    return AnomalySource.procedural()
+
+
+class DiscriminatorStage:
+    """The U-Net on pseudo-anomalies, focal loss (Eq. 6), Adam; validation: the focal loss on
+    pseudo-anomalies of the held-out normals."""
+
+    name = "discriminative"
+    label = "disc"
+    value_name = "val_loss"
+
+    def __init__(
+        self,
+        model: RSTPM,
+        config: Config,
+        train_images: torch.Tensor,
+        val_images: torch.Tensor,
+        fit_normalizer: bool = True,
+    ) -> None:
+        self.model, self.config, self.train_images = model, config, train_images
+        self.discriminator = model.discriminator
+        self.epochs = config.disc_epochs
+        self.synthesizer = PseudoAnomalySynthesizer(anomaly_source(config))
+        started = time.perf_counter()
+        if fit_normalizer:  # a resumed stage has the fitted normaliser in its checkpoint
+            self.discriminator.normalizer.fit(
+                discriminator_inputs(model, train_images, config.batch_size)
+            )
+        val_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.val_inputs, self.val_targets = make_pool(
+            model, self.synthesizer, val_images, val_generator, config.batch_size
+        )
+        self.setup_seconds = time.perf_counter() - started
+        self.optimizer = torch.optim.Adam(self.discriminator.unet.parameters(), lr=config.disc_lr)
+        self.synthesis_seconds: list[float] = []
+        self.unet_seconds: list[float] = []
+        self.inputs: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+        self.epoch = 0
+
+    def train_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, Any]:
+        config, unet = self.config, self.discriminator
+        t0 = time.perf_counter()
+        if (epoch - 1) % config.disc_pool_refresh == 0:
+            self.inputs, self.targets = make_pool(
+                self.model, self.synthesizer, self.train_images, generator, config.batch_size
+            )
+        t1 = time.perf_counter()
+        unet.train()
+        order = torch.randperm(len(self.inputs), generator=generator)
+        total = 0.0
+        for start in range(0, len(self.inputs), config.disc_batch_size):
+            index = order[start : start + config.disc_batch_size]
+            if len(index) < 2:  # BatchNorm needs two samples; the pool is reshuffled next epoch
+                continue
+            loss = focal_loss(unet(self.inputs[index]), self.targets[index], gamma=2.0)
+            check_finite(loss, "discriminative", epoch, config.disc_lr, "--disc-lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(index)
+        t2 = time.perf_counter()
+        self.synthesis_seconds.append(t1 - t0)
+        self.unet_seconds.append(t2 - t1)
+        self.epoch = epoch
+        return {
+            "loss": total / len(self.inputs),
+            "synthesis_seconds": round(t1 - t0, 3),
+            "unet_seconds": round(t2 - t1, 3),
+        }
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.discriminator.eval()
+        step = self.config.disc_batch_size
+        total = sum(
+            focal_loss(
+                self.discriminator(self.val_inputs[i : i + step]),
+                self.val_targets[i : i + step],
+                reduction="sum",
+            )
+            for i in range(0, len(self.val_inputs), step)
+        )
+        return float(total / self.val_targets.numel())
+
+    def state(self) -> Tensors:
+        return self.discriminator.state_dict()
+
+    def checkpoint(self) -> Resume:
+        refresh = self.config.disc_pool_refresh
+        pool = {}
+        if refresh > 1 and self.epoch % refresh != 0:  # still in use next epoch
+            pool = {"inputs": self.inputs, "targets": self.targets}
+        meta = {"synthesis_seconds": self.synthesis_seconds, "unet_seconds": self.unet_seconds}
+        groups = {
+            "model": self.discriminator.state_dict(),
+            "optimizer": optimizer_tensors(self.optimizer),
+            "pool": pool,
+        }
+        return meta, groups
+
+    def restore(self, meta: dict[str, Any], groups: dict[str, Tensors]) -> None:
+        self.discriminator.load_state_dict(groups["model"])
+        restore_optimizer(self.optimizer, groups.get("optimizer", {}))
+        self.synthesis_seconds = list(meta["synthesis_seconds"])
+        self.unet_seconds = list(meta["unet_seconds"])
+        if "pool" in groups:
+            self.inputs, self.targets = groups["pool"]["inputs"], groups["pool"]["targets"]
+        self.epoch = meta["epoch"]
+
+    def summary(self) -> dict[str, Any]:
+        """The stage's timings for run.json."""
+        return {
+            "disc_setup_seconds": round(self.setup_seconds, 3),
+            "disc_mean_epoch_synthesis_seconds": round(float(np.mean(self.synthesis_seconds)), 3),
+            "disc_mean_epoch_unet_seconds": round(float(np.mean(self.unet_seconds)), 3),
+            "anomaly_source": repr(self.synthesizer.source),
+        }

@@ -1,0 +1,246 @@
+"""``rstpm fit``: train a run (stage 1, the students; stage 2, the discriminative network),
+calibrate its thresholds and write its directory; ``fit --resume`` continues an interrupted fit.
+
+Both stages run on the one epoch loop of loop.py (students.py, discriminator.py supply their
+epochs and validations). The test set is never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rstpm.config import Config
+from rstpm.core.model import RSTPM
+from rstpm.data.dataset import load_all_images
+from rstpm.data.images import DataError
+from rstpm.data.layout import list_train_samples, split_train_val
+from rstpm.runs.checkpoint import load_checkpoint, remove_checkpoint
+from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json, read_json
+from rstpm.runs.run_dir import (
+    CONFIG_FILE,
+    LOG_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
+    WEIGHTS_FILE,
+    load_weights,
+    read_config,
+    save_run,
+)
+from rstpm.runs.teachers import build_model
+from rstpm.runs.thresholds_file import save_thresholds
+from rstpm.training.calibrate import calibrate_thresholds
+from rstpm.training.discriminator import DiscriminatorStage
+from rstpm.training.loop import (
+    Checkpointer,
+    EpochLogger,
+    Resume,
+    Tensors,
+    run_stage,
+    seed_everything,
+)
+from rstpm.training.students import StudentStage
+
+
+def _reusable_students(config: Config, students_from: Path) -> dict[str, torch.Tensor]:
+    """The student weights of an earlier run with the same student configuration."""
+    other = Config.from_dict(read_json(Path(students_from) / CONFIG_FILE))
+    if other.student_fields() != config.student_fields():
+        changed = [k for k, v in config.student_fields().items() if other.student_fields()[k] != v]
+        raise RunError(
+            f"{students_from} was trained with other student settings ({', '.join(changed)}); "
+            "its students cannot be reused"
+        )
+    state = load_weights(Path(students_from) / WEIGHTS_FILE)
+    return {k: v for k, v in state.items() if not k.startswith("discriminator.")}
+
+
+def _training_split(config: Config, data_root: Path) -> tuple[list, list]:
+    """The training and held-out normal samples, or a DataError (checked before any write)."""
+    samples = list_train_samples(data_root)
+    train_samples, val_samples = split_train_val(samples, config.val_fraction, config.seed)
+    if len(train_samples) < config.batch_size:
+        raise DataError(
+            f"{data_root}: {len(train_samples)} training images after holding out "
+            f"{len(val_samples)} for validation, fewer than --batch-size {config.batch_size}; "
+            "lower --batch-size or add images"
+        )
+    return train_samples, val_samples
+
+
+def fit(
+    config: Config,
+    data_root: Path,
+    run_dir: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    students_from: Path | None = None,
+    on_epoch_end: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Train a run on the normal images of ``data_root`` and write it to ``run_dir``.
+
+    ``students_from``: a finished run with identical student settings whose students are
+    reused (stage 1 is skipped; only the discriminative network is trained). A checkpoint is
+    written after every epoch (rstpm.runs.checkpoint); :func:`resume` continues an interrupted fit.
+    """
+    run_dir = Path(run_dir)
+    _training_split(config, Path(data_root))  # bad data fails before the run folder is touched
+    if students_from:
+        _reusable_students(config, Path(students_from))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_checkpoint(run_dir)  # a new fit never continues an older one
+    for name in (MANIFEST_FILE, RUN_FILE):  # the directory holds no complete run until the end
+        (run_dir / name).unlink(missing_ok=True)
+    atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())  # what --resume rebuilds from
+    (run_dir / LOG_FILE).write_text("")
+    meta = {
+        "data": str(Path(data_root).resolve()),
+        "students_from": str(Path(students_from).resolve()) if students_from else None,
+    }
+    return _train(config, run_dir, meta, progress, log, on_epoch_end, None)
+
+
+def resume(
+    run_dir: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_epoch_end: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Continue an interrupted fit from its last checkpoint, with the run's own config and
+    data; the result equals an uninterrupted fit (tests/test_resume.py)."""
+    run_dir = Path(run_dir)
+    meta, groups = load_checkpoint(run_dir)
+    config = read_config(run_dir)
+    # the log keeps the epochs the checkpoint contains, the rest is trained again
+    log_path = run_dir / LOG_FILE
+    kept = []
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            same_stage = record["stage"] == meta["stage"]
+            if (same_stage and record["epoch"] <= meta["epoch"]) or (
+                not same_stage and meta["stage"] == "discriminative"  # stage 1 is complete
+            ):
+                kept.append(line)
+    atomic_write_bytes(log_path, "".join(f"{line}\n" for line in kept).encode())
+    base = {k: meta[k] for k in ("data", "students_from")}
+    return _train(config, run_dir, base, progress, log, on_epoch_end, (meta, groups))
+
+
+def _train(
+    config: Config,
+    run_dir: Path,
+    meta: dict[str, Any],
+    progress: bool,
+    log: Callable[[str], None],
+    on_epoch_end: Callable[[str, int], None] | None,
+    resume_from: Resume | None,
+) -> dict[str, Any]:
+    data_root = Path(meta["data"])
+    train_samples, val_samples = _training_split(config, data_root)
+    stage = resume_from[0]["stage"] if resume_from is not None else None
+    meta_epoch = resume_from[0]["epoch"] if resume_from is not None else None
+    generator = seed_everything(config.seed)
+    started = time.perf_counter()
+    model, teachers = build_model(config)
+    model.set_precision(config.precision)
+    model.set_channels_last(config.channels_last)
+    train_images = load_all_images(train_samples, config.image_size, progress=progress)
+    val_images = load_all_images(val_samples, config.image_size, progress=progress)
+    logger = EpochLogger(run_dir / LOG_FILE, progress, log)
+    checkpointer = Checkpointer(run_dir, meta, config.checkpoint_interval, on_epoch_end)
+    students, info = _stage1(
+        model, config, meta, (train_images, val_images), generator, logger, progress,
+        checkpointer, resume_from,
+    )
+    missing, unexpected = model.load_state_dict(students, strict=False)
+    assert not unexpected, unexpected
+    if model.discriminator is not None:
+        checkpointer.extra = {"students": students}
+        checkpointer.meta = {**meta, "stage1_info": dict(info)}
+        resume_disc = resume_from if stage == "discriminative" else None
+        info.update(
+            _train_discriminator(
+                model, config, (train_images, val_images), logger, progress, checkpointer,
+                resume_disc,
+            )
+        )
+    save_thresholds(run_dir, calibrate_thresholds(model, config, val_images))
+    info = {
+        "teachers": {k: v.to_dict() for k, v in teachers.items()},
+        "data": str(data_root),
+        "n_train": len(train_samples),
+        "n_val": len(val_samples),
+        "val_images": [str(s.path) for s in val_samples],
+        **info,
+        "resumed_from": None if stage is None else {"stage": stage, "epoch": meta_epoch},
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+    save_run(run_dir, config, model.trainable_state_dict(), info)
+    remove_checkpoint(run_dir)
+    return info
+
+
+def _stage1(
+    model: RSTPM,
+    config: Config,
+    meta: dict[str, Any],
+    images: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    logger: EpochLogger,
+    progress: bool,
+    checkpointer: Checkpointer,
+    resume_from: Resume | None,
+) -> tuple[Tensors, dict[str, Any]]:
+    """The students: from a checkpoint of stage 2, from another run (``students_from``), or
+    trained (continuing a checkpoint of stage 1); with their run.json entries."""
+    stage = resume_from[0]["stage"] if resume_from is not None else None
+    if stage == "discriminative":  # stage 1 is in the checkpoint
+        return resume_from[1]["students"], dict(resume_from[0]["stage1_info"])
+    if meta["students_from"] is not None:
+        students = _reusable_students(config, Path(meta["students_from"]))
+        return students, {"students_from": meta["students_from"]}
+    resume = resume_from if stage == "students" else None
+    return _train_students(
+        model, config, images, generator, logger, progress, checkpointer, resume
+    )
+
+
+def _train_students(
+    model: RSTPM,
+    config: Config,
+    images: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    logger: EpochLogger,
+    progress: bool,
+    checkpointer: Checkpointer,
+    resume: Resume | None,
+) -> tuple[Tensors, dict[str, Any]]:
+    """Stage 1; returns the best epoch's student state and the stage's run.json entries."""
+    stage = StudentStage(model, config, *images)
+    best = run_stage(stage, generator, logger, progress, checkpointer, resume)
+    return best.state, {"best_epoch": best.epoch, "best_val_score": best.value, **stage.summary()}
+
+
+def _train_discriminator(
+    model: RSTPM,
+    config: Config,
+    images: tuple[torch.Tensor, torch.Tensor],
+    logger: EpochLogger,
+    progress: bool,
+    checkpointer: Checkpointer,
+    resume: Resume | None,
+) -> dict[str, Any]:
+    """Stage 2 (the model keeps the best epoch's U-Net); returns its run.json entries. It draws
+    from its own random stream, so reusing students gives the same result."""
+    stage = DiscriminatorStage(model, config, *images, fit_normalizer=resume is None)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    best = run_stage(stage, generator, logger, progress, checkpointer, resume)
+    model.discriminator.load_state_dict(best.state)
+    return {"disc_best_epoch": best.epoch, "disc_best_val_loss": best.value, **stage.summary()}

@@ -1,0 +1,207 @@
+"""The one epoch loop both training stages run on.
+
+A stage (students.py, discriminator.py) supplies its epoch, its validation value (lower is
+better) and its state; :func:`run_stage` does the rest, the same for both: the epochs with a
+progress bar, the NaN guard's error, the best epoch (its state copied), the log line in
+train_log.jsonl, the resumable checkpoint (rstpm.runs.checkpoint) after an epoch once the
+checkpoint interval has passed and after the stage's last epoch, and continuing after a
+checkpoint's epoch with the same result as never stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rstpm.runs.checkpoint import restore_rng, save_checkpoint
+
+Tensors = dict[str, torch.Tensor]
+Resume = tuple[dict[str, Any], dict[str, Tensors]]
+"""A loaded checkpoint: (meta, tensor groups), see rstpm.runs.checkpoint."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def check_finite(loss: torch.Tensor, stage: str, epoch: int, lr: float, flag: str) -> None:
+    """The NaN guard: a one-line error naming the epoch and the learning rate to lower."""
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"{stage} loss became {loss.item()} in epoch {epoch}; lower {flag} (now {lr}) "
+            "and re-run"
+        )
+
+
+class BestEpoch:
+    """Keeps a copy of the state of the epoch with the lowest validation value."""
+
+    def __init__(self) -> None:
+        self.epoch, self.value, self.state = 0, math.inf, None
+
+    def update(self, epoch: int, value: float, state: Callable[[], Tensors]) -> bool:
+        """Record ``epoch`` if ``value`` is the lowest so far (NaN never is); True if it was."""
+        if not value < self.value:
+            return False
+        self.epoch, self.value = epoch, value
+        self.state = {k: v.detach().clone() for k, v in state().items()}
+        return True
+
+
+class EpochLogger:
+    """Per-epoch log lines: appended to train_log.jsonl and shown under the progress bar."""
+
+    def __init__(self, path: Path, progress: bool, log: Callable[[str], None]) -> None:
+        self.path, self.progress, self.log = Path(path), progress, log
+
+    def __call__(self, bar: Any, record: dict[str, Any], line: str) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.progress:
+            bar.write(line, file=sys.stderr)
+        else:
+            self.log(line)
+
+
+class Checkpointer:
+    """Writes the checkpoint after an epoch when ``interval`` seconds have passed since the last
+    write, and always after a stage's last epoch (0: every epoch). ``on_epoch_end(stage,
+    epoch)`` runs after every epoch (tests interrupt training there)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        meta: dict[str, Any],
+        interval: float = 0.0,
+        on_epoch_end: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.run_dir, self.meta, self.interval = Path(run_dir), meta, interval
+        self.on_epoch_end = on_epoch_end
+        self.extra: dict[str, Tensors] = {}  # groups saved with every write
+        self.last_write = time.monotonic()
+
+    def epoch_end(
+        self,
+        stage: str,
+        epoch: int,
+        last: bool,
+        state: Callable[[], Resume],
+        generator: torch.Generator,
+    ) -> None:
+        if last or time.monotonic() - self.last_write >= self.interval:
+            meta, groups = state()
+            save_checkpoint(
+                self.run_dir,
+                {**self.meta, "stage": stage, "epoch": epoch, **meta},
+                {**self.extra, **groups},
+                generator,
+            )
+            self.last_write = time.monotonic()
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(stage, epoch)
+
+
+class Stage(Protocol):
+    """What a training stage supplies to :func:`run_stage`."""
+
+    name: str  # "students" | "discriminative": the log's and the checkpoint's stage
+    label: str  # the progress bar's and the log line's name
+    epochs: int
+    value_name: str  # the validation value's key in the log ("val_score", "val_loss")
+
+    def train_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, Any]:
+        """One epoch; returns the log fields, ``loss`` first."""
+
+    def validate(self) -> float:
+        """The validation value after the epoch (lower is better)."""
+
+    def state(self) -> Tensors:
+        """The trained state (what the best epoch keeps)."""
+
+    def checkpoint(self) -> Resume:
+        """The stage's own checkpoint meta and tensor groups (model, optimizer, ...)."""
+
+    def restore(self, meta: dict[str, Any], groups: dict[str, Tensors]) -> None:
+        """Continue from a checkpoint of this stage."""
+
+
+def _epoch_bar(name: str, first: int, last: int, progress: bool) -> Any:
+    """Epochs ``first..last`` with a progress bar that counts from 1 (also when resumed)."""
+    return tqdm(
+        range(first, last + 1),
+        initial=first - 1,
+        total=last,
+        desc=name,
+        unit="epoch",
+        disable=not progress,
+    )
+
+
+def run_stage(
+    stage: Stage,
+    generator: torch.Generator,
+    logger: EpochLogger,
+    progress: bool,
+    checkpointer: Checkpointer | None = None,
+    resume: Resume | None = None,
+) -> BestEpoch:
+    """Train ``stage`` for its epochs (after the checkpoint's epoch with ``resume``); returns the
+    best epoch with a copy of its state.
+
+    Raises:
+        TrainingError: the loss became NaN (raised by the stage), or no epoch gave a finite
+            validation value.
+    """
+    best, first = BestEpoch(), 1
+    if resume is not None:
+        meta, groups = resume
+        stage.restore(meta, groups)
+        best.epoch, best.value = meta["best_epoch"], meta["best_value"]
+        best.state = groups.get("best") or None
+        first = meta["epoch"] + 1
+        generator = restore_rng(meta, groups)
+    bar = _epoch_bar(stage.label, first, stage.epochs, progress)
+    for epoch in bar:
+        started = time.perf_counter()
+        fields = stage.train_epoch(epoch, generator)
+        value = stage.validate()
+        seconds = time.perf_counter() - started
+        improved = best.update(epoch, value, stage.state)
+        record = {"stage": stage.name, "epoch": epoch, **fields, stage.value_name: value}
+        record.update(seconds=round(seconds, 3), best_epoch=best.epoch)
+        line = (
+            f"{stage.label} {epoch}/{stage.epochs} loss {fields['loss']:.4f} val {value:.5g} "
+            f"{seconds:.1f}s" + (" *" if improved else "")
+        )
+        logger(bar, record, line)
+        if checkpointer is not None:
+
+            def state() -> Resume:
+                meta, groups = stage.checkpoint()
+                meta = {"best_epoch": best.epoch, "best_value": best.value, **meta}
+                return meta, {**groups, "best": best.state or {}}
+
+            checkpointer.epoch_end(stage.name, epoch, epoch == stage.epochs, state, generator)
+    if best.state is None:
+        raise TrainingError(
+            f"no {stage.label} epoch gave a finite validation value; lower the learning rate "
+            "and re-run"
+        )
+    return best
