@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import colorsys
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from rstpm.data.synthesis import (
     AUGMENT_OPS,
     AnomalySource,
     PseudoAnomaly,
     PseudoAnomalySynthesizer,
+    _autocontrast_cutoff,
     _perlin_field,
+    _posterize_bits,
     augment_source,
     blend,
     perlin_mask,
@@ -156,18 +160,216 @@ def test_ten_augment_ops():
     assert len(AUGMENT_OPS) == 10
 
 
+# Operations that leave the image unchanged in some draws, as in DRAEM: solarize (p = 0.5),
+# posterize (8 bits) and invert (imgaug's default p = 0).
+MAYBE_IDENTITY = {"solarize", "posterize"}
+
+
 @pytest.mark.parametrize("name", list(AUGMENT_OPS))
 def test_each_augment_op_keeps_shape_and_range(name):
     img = _test_image()
-    for seed in range(3):
+    changed = 0
+    for seed in range(8):
         out = augment_source(img, gen(seed), ops=[name])
         assert out.shape == img.shape and out.dtype == torch.float32
         assert out.min() >= 0.0 and out.max() <= 1.0
-        assert not torch.equal(out, img), name
+        changed += not torch.equal(out, img)
+    if name == "invert":
+        assert changed == 0  # DRAEM's iaa.Invert() keeps imgaug's default p = 0
+    elif name in MAYBE_IDENTITY:
+        assert changed >= 1, name
+    else:
+        assert changed == 8, name
     # extreme inputs stay in range too
     for const in (0.0, 1.0):
         out = augment_source(torch.full((3, 16, 16), const), gen(), ops=[name])
         assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def _all_levels(seed: int = 0) -> torch.Tensor:
+    """``(3, 16, 16)`` uint8 image holding each level 0..255 once per channel, shuffled."""
+    g = gen(seed)
+    return torch.stack([torch.randperm(256, generator=g).view(16, 16) for _ in range(3)]).to(
+        torch.uint8
+    )
+
+
+def _pil(u8: torch.Tensor) -> Image.Image:
+    return Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy())
+
+
+def _from_pil(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+
+
+def test_invert_is_a_no_op_as_in_draem():
+    img = torch.rand(3, 12, 12, generator=gen(2))
+    g = gen(0)
+    assert all(torch.equal(augment_source(img, g, ops=["invert"]), img) for _ in range(50))
+
+
+def test_solarize_half_the_time_with_threshold_32_to_127():
+    u8 = _all_levels()
+    img = u8.float() / 255.0
+    levels = u8.long()
+    g = gen(1)
+    draws, unchanged, thresholds = 300, 0, []
+    for _ in range(draws):
+        out = augment_source(img, g, ops=["solarize"])
+        if torch.equal(out, img):
+            unchanged += 1
+            continue
+        inverted = out != img
+        torch.testing.assert_close(out[inverted], 1.0 - img[inverted], rtol=0, atol=1e-6)
+        k = int(levels[inverted].min())
+        # exactly the values >= k are inverted, with one threshold for all channels
+        assert torch.equal(inverted, levels >= k)
+        assert 32 <= k <= 127
+        reference = _from_pil(ImageOps.solarize(_pil(u8), k))
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+        thresholds.append(k)
+    # Binomial(300, 0.5): sd ~ 8.7; [115, 185] is ~ +-4 sd.
+    assert 115 <= unchanged <= 185
+    assert min(thresholds) <= 40 and max(thresholds) >= 119 and len(set(thresholds)) >= 40
+
+
+def test_posterize_bits_against_bit_masking_and_8_is_identity():
+    smooth = torch.rand(3, 10, 10, generator=gen(3))  # not on the uint8 grid
+    assert torch.equal(_posterize_bits(smooth, 8), smooth)
+    u8 = _all_levels(1)
+    img = u8.float() / 255.0
+    for bits in range(1, 8):
+        shift = 8 - bits
+        expected = ((u8.long() >> shift) << shift).float() / 255.0
+        torch.testing.assert_close(_posterize_bits(img, bits), expected, rtol=0, atol=1e-6)
+        reference = _from_pil(ImageOps.posterize(_pil(u8), bits))
+        torch.testing.assert_close(_posterize_bits(img, bits), reference, rtol=0, atol=1e-6)
+
+
+def test_posterize_draws_1_to_8_bits():
+    img = _all_levels(2).float() / 255.0
+    g = gen(4)
+    bits_seen = []
+    for _ in range(160):
+        out = augment_source(img, g, ops=["posterize"])
+        n_levels = len(out.unique())
+        bits = int(round(math.log2(n_levels)))
+        assert n_levels == 2**bits
+        if bits == 8:
+            assert torch.equal(out, img)
+        bits_seen.append(bits)
+    assert set(bits_seen) == set(range(1, 9))
+    # 8 bits (no-op) 1 time in 8: Binomial(160, 1/8) ~ 20 +- 4.2
+    assert 6 <= bits_seen.count(8) <= 36
+
+
+def test_hue_and_saturation_shift_additively_and_independently():
+    img = 0.05 + 0.95 * torch.rand(3, 4, 8, generator=gen(5))
+    img[:, 0, 0] = torch.tensor([0.8, 0.4, 0.4])  # reference: hue 0, saturation 0.5, value 0.8
+    img[:, 0, 1] = 0.6  # grey
+    img[:, 0, 2] = 0.0  # black
+    pixels = img.flatten(1).T.tolist()
+    hsv_in = [colorsys.rgb_to_hsv(*p) for p in pixels]
+    g = gen(6)
+    pairs = []
+    for _ in range(150):
+        out = augment_source(img, g, ops=["hue_saturation"])
+        hue_ref, sat_ref, val_ref = colorsys.rgb_to_hsv(*out[:, 0, 0].tolist())
+        assert val_ref == pytest.approx(0.8, abs=1e-6)
+        sat_steps = (sat_ref - 0.5) * 255.0
+        s = round(sat_steps)
+        assert abs(sat_steps - s) < 1e-3 and -50 <= s <= 50  # integer on the 0..255 scale
+        hue_units = hue_ref * 180.0  # OpenCV's 2-degree units
+        u = (round(hue_units) + 90) % 180 - 90
+        assert abs(hue_units - round(hue_units)) < 1e-3 and -35 <= u <= 35  # at most 70 degrees
+        expected = [
+            colorsys.hsv_to_rgb((h + u / 180.0) % 1.0, min(max(sv + s / 255.0, 0.0), 1.0), v)
+            for h, sv, v in hsv_in
+        ]
+        expected_t = torch.tensor(expected, dtype=torch.float32).T.reshape(img.shape)
+        torch.testing.assert_close(out, expected_t, rtol=0, atol=1e-5)
+        # the grey pixel keeps its value and gets saturation only from the saturation shift
+        _, sat_grey, val_grey = colorsys.rgb_to_hsv(*out[:, 0, 1].tolist())
+        assert val_grey == pytest.approx(0.6, abs=1e-6)
+        assert sat_grey == pytest.approx(max(s, 0) / 255.0, abs=1e-5)
+        assert torch.equal(out[:, 0, 2], torch.zeros(3))  # black stays black (V = 0)
+        pairs.append((u, s))
+    hues = [u for u, _ in pairs]
+    sats = [s for _, s in pairs]
+    assert max(abs(u) for u in hues) >= 30  # beyond 50 degrees: imgaug's 255 = 360 degrees
+    assert min(sats) <= -45 and max(sats) >= 45
+    # per_channel=True: the hue does not follow the saturation value
+    assert sum(u != int(s * 180 / 255) for u, s in pairs) >= 100
+
+
+def _affine_params(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float] | None:
+    """``(slope, intercept)`` when ``y = slope * x + intercept`` holds for all pixels, else None."""
+    x, y = x.flatten(), y.flatten()
+    i, j = int(x.argmin()), int(x.argmax())
+    slope = float((y[j] - y[i]) / (x[j] - x[i]))
+    intercept = float(y[i] - slope * x[i])
+    if not torch.allclose(y, slope * x + intercept, rtol=0, atol=1e-5):
+        return None
+    return slope, intercept
+
+
+def _is_integer_level(value: float) -> bool:
+    steps = value * 255.0
+    return abs(steps - round(steps)) < 2e-3 and abs(round(steps)) <= 30
+
+
+def test_brightness_luma_or_value_channel_with_random_order():
+    img = 0.3 + 0.3 * torch.rand(3, 6, 6, generator=gen(7))  # no clipping possible
+    luma = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+    value = img.amax(dim=0)
+    g = gen(8)
+    n_value, orders = 0, set()
+    for _ in range(240):
+        out = augment_source(img, g, ops=["brightness"])
+        diff = out - img
+        if (diff - diff[0]).abs().max() < 1e-6:  # luma path: the same offset on R, G, B
+            params = _affine_params(luma, luma + diff[0])
+        else:  # HSV path: every component scaled by V'/V
+            ratio = out / img
+            assert (ratio - ratio[0]).abs().max() < 1e-5
+            params = _affine_params(value, value * ratio[0])
+            n_value += 1
+        assert params is not None
+        mul, intercept = params
+        assert 0.8 - 1e-5 <= mul <= 1.2 + 1e-5
+        mul_first, add_first = _is_integer_level(intercept), _is_integer_level(intercept / mul)
+        assert mul_first or add_first  # B * m + a or (B + a) * m, a an integer in [-30, 30]
+        if mul_first != add_first:
+            orders.add(add_first)
+    assert orders == {False, True}
+    # HSV is 1 of imgaug's 6 colour spaces: Binomial(240, 1/6) ~ 40 +- 5.8
+    assert 20 <= n_value <= 62
+
+
+def test_autocontrast_cutoff_matches_pil():
+    u8 = _all_levels(3)
+    u8[1] = (u8[1].float() * 0.4 + 60).to(torch.uint8)  # a narrow channel
+    img = u8.float() / 255.0
+    for cutoff in (0, 1, 7, 20):
+        ours = _autocontrast_cutoff(img, cutoff)
+        reference = _from_pil(ImageOps.autocontrast(_pil(u8), cutoff=cutoff))
+        diff = ours - reference  # PIL truncates to integer levels
+        assert diff.min() >= -1e-6 and diff.max() < 1.0 / 255.0 + 1e-6, cutoff
+    flat = torch.full((3, 8, 8), 0.4)
+    assert torch.equal(_autocontrast_cutoff(flat, 10), flat)  # nothing to stretch
+
+
+def test_autocontrast_draws_cutoff_0_to_20():
+    img = _test_image(20)
+    candidates = [_autocontrast_cutoff(img, c) for c in range(21)]
+    g = gen(9)
+    matched = set()
+    for _ in range(80):
+        out = augment_source(img, g, ops=["autocontrast"])
+        hits = [c for c, cand in enumerate(candidates) if torch.allclose(out, cand, atol=1e-6)]
+        assert hits, "output is not PIL autocontrast with a cutoff in 0..20"
+        matched.add(hits[0])
+    assert len(matched) >= 12 and max(matched) >= 18
 
 
 def test_augment_source_random_three_ops():

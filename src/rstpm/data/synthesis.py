@@ -30,7 +30,20 @@ Choices that differ from (or are not fixed by) the DRAEM reference code:
 * DRAEM keeps a sample whose thresholded mask came out empty and labels it normal. Here an
   anomalous sample always has a non-empty mask: :func:`perlin_mask` re-draws the noise up to
   ``max_tries`` (10) times, then falls back to the top 1% of the last noise field.
-* Parameter ranges of the 10 augmentation operations: see :data:`AUGMENT_OPS`.
+* The 10 augmentation operations (:data:`AUGMENT_OPS`, which lists their ranges) take imgaug's
+  parameters as DRAEM sets them or leaves them at imgaug 0.4.0's defaults (so ``invert`` is a
+  no-op, as in DRAEM), except for:
+
+  - Colour order: DRAEM reads the source with OpenCV (BGR) and hands it to imgaug augmenters
+    that assume RGB; here the image is RGB, as those augmenters intend. In DRAEM the hue shift
+    thus turns the other way (the same distribution: the range is symmetric) and the brightness
+    luma weighs R and B the wrong way round.
+  - Precision: imgaug rounds to uint8 after every operation; here values stay float. The uint8
+    levels are reproduced where they decide the result (the solarize threshold, posterize bins,
+    the integer hue and saturation steps, the integer brightness offset).
+  - Brightness: of the six colour spaces imgaug draws from, HLS, Lab and Luv (non-linear
+    lightness channels: each a full colour-space round trip) are approximated by the luma of
+    YCrCb/YUV, which is exact for those two; HSV (scale by ``max(R, G, B)``) is exact.
 """
 
 from __future__ import annotations
@@ -214,59 +227,169 @@ def perlin_mask(
 # --------------------------------------------------------------------------------------------
 
 
+# The ten operations follow DRAEM's ``self.augmenters`` list (VitjanZ/DRAEM, data_loader.py) with
+# the parameters that imgaug 0.4.0 (the version DRAEM pins) gives them, explicit or default. imgaug
+# works on uint8 images: where its 0..255 levels decide the result (solarize threshold, posterize
+# bins, hue/saturation steps) they are reproduced on the [0, 1] scale here.
+
+_BRIGHTNESS_SPACES = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
+"""imgaug's default ``to_colorspace`` list of MultiplyAndAddToBrightness (one drawn per image)."""
+
+_INVERT_PROBABILITY = 0.0
+"""DRAEM builds ``iaa.Invert()`` without ``p``; imgaug's default ``p`` is 0: it never inverts."""
+
+_EPS = 1e-12
+
+
 def _gamma_contrast(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # imgaug GammaContrast((0.5, 2.0), per_channel=True): one gamma per channel.
+    # imgaug GammaContrast((0.5, 2.0), per_channel=True): x ** gamma, one gamma per channel.
     gamma = 0.5 + 1.5 * torch.rand(img.shape[0], 1, 1, generator=g)
     return img.clamp(0.0, 1.0) ** gamma
 
 
+def _multiply_add(x: torch.Tensor, mul: float, add: float, add_first: bool) -> torch.Tensor:
+    """``x * mul`` and ``x + add`` in the given order, clipped to [0, 1] after each (as uint8)."""
+    if add_first:
+        return ((x + add).clamp(0.0, 1.0) * mul).clamp(0.0, 1.0)
+    return (x * mul).clamp(0.0, 1.0).add(add).clamp(0.0, 1.0)
+
+
 def _brightness(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # imgaug MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30)): acts on the luma Y of
-    # YCbCr; changing Y by dY (chroma fixed) adds dY to each of R, G, B.
+    # imgaug MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30)): per image, one of six
+    # colour spaces and its brightness channel; Multiply then Add in random order (random_order
+    # defaults to True); the uint8 Add rounds its value to an integer.
+    space = _BRIGHTNESS_SPACES[_randint(g, 0, len(_BRIGHTNESS_SPACES) - 1)]
     mul = _uniform(g, 0.8, 1.2)
-    add = _uniform(g, -30.0, 30.0) / 255.0
+    add = round(_uniform(g, -30.0, 30.0)) / 255.0
+    add_first = bool(torch.rand((), generator=g) < 0.5)
+    if space == "HSV":
+        # V = max(R, G, B); with H and S fixed every component scales with V (black -> grey V').
+        value = img.amax(dim=0)
+        new = _multiply_add(value, mul, add, add_first)
+        scaled = img * (new / value.clamp_min(_EPS))[None]
+        return torch.where((value > 0)[None], scaled, new[None].expand_as(img))
+    # Luma Y (YCrCb and YUV, exact; HLS, Lab and Luv lightness approximated by it): changing Y by
+    # dY with the chroma fixed adds dY to each of R, G, B.
     luma = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
-    return img + (luma * (mul - 1.0) + add)[None]
+    return img + (_multiply_add(luma, mul, add, add_first) - luma)[None]
 
 
 def _sharpness(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # imgaug pillike.EnhanceSharpness(factor=(0.0, 2.0)): 0 blurs, 1 keeps, 2 sharpens.
+    # imgaug pillike.EnhanceSharpness() default factor (0.0, 2.0): 0 blurs, 1 keeps, 2 sharpens.
     return tvf.adjust_sharpness(img, _uniform(g, 0.0, 2.0))
 
 
+def _rgb_to_hsv(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue in turns ``[0, 1)`` (0 for grey, as OpenCV), saturation ``(max-min)/max``, value max."""
+    red, green, blue = img[0], img[1], img[2]
+    value = img.amax(dim=0)
+    chroma = value - img.amin(dim=0)
+    saturation = torch.where(value > 0, chroma / value.clamp_min(_EPS), torch.zeros_like(value))
+    c = chroma.clamp_min(_EPS)
+    hue = torch.where(
+        value == red,
+        torch.remainder((green - blue) / c, 6.0),
+        torch.where(value == green, (blue - red) / c + 2.0, (red - green) / c + 4.0),
+    )
+    hue = torch.where(chroma > 0, hue / 6.0, torch.zeros_like(hue))
+    return hue, saturation, value
+
+
+def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_rgb_to_hsv` (hue in turns), ``(3, H, W)``."""
+    channels = []
+    for offset in (5.0, 3.0, 1.0):  # R, G, B
+        k = torch.remainder(offset + 6.0 * hue, 6.0)
+        ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+        channels.append(value - value * saturation * ramp)
+    return torch.stack(channels)
+
+
+def _shift_hue_saturation(img: torch.Tensor, hue_turns: float, saturation: float) -> torch.Tensor:
+    """Add ``hue_turns`` (modulo 1) to the HSV hue and ``saturation`` (clipped) to S; V is kept."""
+    hue, sat, value = _rgb_to_hsv(img)
+    hue = torch.remainder(hue + hue_turns, 1.0)
+    sat = (sat + saturation).clamp(0.0, 1.0)
+    return _hsv_to_rgb(hue, sat, value)
+
+
 def _hue_saturation(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # imgaug AddToHueAndSaturation((-50, 50), per_channel=True): independent hue and saturation.
-    hue = _uniform(g, -50.0, 50.0) / 360.0
-    saturation = _uniform(g, 0.5, 1.5)
-    return tvf.adjust_saturation(tvf.adjust_hue(img, hue), saturation)
+    # imgaug AddToHueAndSaturation((-50, 50), per_channel=True): two independent integers in
+    # [-50, 50] (per_channel=True: one for hue, one for saturation). Hue: imgaug's 255 = 360
+    # degrees, truncated to OpenCV's 2-degree units (int(v * 180 / 255), at most 35 units = 70
+    # degrees), added modulo 360. Saturation: added on the 0..255 scale, clipped.
+    hue_value = _randint(g, -50, 50)
+    saturation_value = _randint(g, -50, 50)
+    hue_units = int(hue_value * 180 / 255)  # truncation towards zero, as imgaug's astype(int32)
+    return _shift_hue_saturation(img, hue_units / 180.0, saturation_value / 255.0)
+
+
+def _solarize_level(img: torch.Tensor, level: int) -> torch.Tensor:
+    """Invert the values ``>= level / 255`` (``level`` on the uint8 scale, 1e-3 float slack)."""
+    return torch.where(img * 255.0 >= level - 1e-3, 1.0 - img, img)
 
 
 def _solarize(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # Invert every value >= 0.5 (imgaug Solarize; threshold fixed at 0.5 here).
-    return tvf.solarize(img, 0.5)
+    # imgaug Solarize(0.5, threshold=(32, 128)): with p = 0.5 per image (all channels alike) invert
+    # the values >= a threshold drawn uniformly from [32, 128); imgaug's uint8 table truncates the
+    # threshold, so it is an integer level uniform in {32, ..., 127}.
+    if bool(torch.rand((), generator=g) >= 0.5):
+        return img
+    return _solarize_level(img, _randint(g, 32, 127))
+
+
+def _posterize_bits(img: torch.Tensor, bits: int) -> torch.Tensor:
+    """Keep ``bits`` bits of the uint8 level (bin's lower edge, as PIL/imgaug); 8 is a no-op."""
+    if bits >= 8:
+        return img
+    step = float(2 ** (8 - bits))
+    levels = (img * 255.0).round()
+    return torch.floor(levels / step) * (step / 255.0)
 
 
 def _posterize(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # imgaug Posterize(nb_bits=(1, 8)) minus the no-op 8: keep 1..7 bits per channel.
-    return tvf.posterize(img, _randint(g, 1, 7))
+    # imgaug Posterize() default nb_bits (1, 8): bits uniform in {1, ..., 8}; 8 leaves it unchanged.
+    return _posterize_bits(img, _randint(g, 1, 8))
 
 
 def _invert(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return tvf.invert(img)
+    # imgaug Invert() with its default p = 0, as DRAEM calls it: the image is left unchanged.
+    if float(torch.rand((), generator=g)) < _INVERT_PROBABILITY:
+        return tvf.invert(img)
+    return img
+
+
+def _autocontrast_cutoff(img: torch.Tensor, cutoff: int) -> torch.Tensor:
+    """PIL autocontrast per channel: cut ``cutoff`` % of the pixels at each end, stretch the rest.
+
+    ``cut = n * cutoff // 100`` pixels are removed from the dark and the bright end of each
+    channel's histogram; the remaining range ``[lo, hi]`` is mapped to ``[0, 1]`` (clipped). A
+    channel with ``hi <= lo`` is left unchanged.
+    """
+    flat = img.flatten(1)
+    n = flat.shape[1]
+    cut = n * int(cutoff) // 100
+    lo = torch.kthvalue(flat, cut + 1, dim=1).values[:, None, None]
+    hi = torch.kthvalue(flat, n - cut, dim=1).values[:, None, None]
+    stretch = hi > lo
+    out = ((img - lo) / torch.where(stretch, hi - lo, torch.ones_like(hi))).clamp(0.0, 1.0)
+    return torch.where(stretch, out, img)
 
 
 def _autocontrast(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # Stretch each channel to [0, 1] (imgaug pillike.Autocontrast, cutoff 0).
-    return tvf.autocontrast(img)
+    # imgaug pillike.Autocontrast() defaults: cutoff uniform in {0, ..., 20} % per image, the same
+    # for all channels (per_channel=False); PIL stretches each channel separately.
+    return _autocontrast_cutoff(img, _randint(g, 0, 20))
 
 
 def _equalize(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # Per-channel histogram equalisation (imgaug pillike.Equalize).
+    # imgaug pillike.Equalize(): PIL's per-channel histogram equalisation.
     return tvf.equalize(img)
 
 
 def _rotate(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # imgaug Affine(rotate=(-45, 45)): bilinear, zero (black) fill, same size.
+    # imgaug Affine(rotate=(-45, 45)) defaults: order=1 (bilinear), constant mode, cval=0 (black),
+    # same size (fit_output=False).
     angle = _uniform(g, -45.0, 45.0)
     return tvf.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
 
@@ -283,18 +406,37 @@ AUGMENT_OPS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] 
     "equalize": _equalize,
     "rotate": _rotate,
 }
-"""The 10 augmentation operations of DRAEM's anomaly source, by name, with these ranges:
+"""The 10 augmentation operations of DRAEM's anomaly source, by name, with these ranges.
 
-* ``gamma_contrast``: ``x ** gamma``, gamma uniform in [0.5, 2.0], one per channel;
-* ``brightness``: luma ``Y -> Y * m + a``, ``m`` uniform in [0.8, 1.2], ``a`` in [-30, 30] / 255;
-* ``sharpness``: PIL-style sharpness factor uniform in [0, 2];
-* ``hue_saturation``: hue shift uniform in [-50, 50] degrees, saturation factor in [0.5, 1.5];
-* ``solarize``: invert values >= 0.5;
-* ``posterize``: keep 1..7 bits (uniform);
-* ``invert``: ``1 - x``;
-* ``autocontrast``: stretch each channel to [0, 1];
-* ``equalize``: per-channel histogram equalisation;
-* ``rotate``: uniform in [-45, 45] degrees, bilinear, black fill.
+They follow the ``self.augmenters`` list of DRAEM's reference code (VitjanZ/DRAEM,
+``data_loader.py``) with the parameters imgaug 0.4.0 (aleju/imgaug, ``imgaug/augmenters/``)
+gives them, explicitly or by default; values on imgaug's uint8 scale are divided by 255:
+
+* ``gamma_contrast`` (``GammaContrast((0.5, 2.0), per_channel=True)``): ``x ** gamma``, gamma
+  uniform in [0.5, 2.0], one per channel;
+* ``brightness`` (``MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30))``): per image one
+  colour space of YCrCb, HSV, HLS, Lab, Luv, YUV (uniform) and its brightness channel ``B``;
+  ``B * m`` (``m`` uniform in [0.8, 1.2]) and ``B + a`` (``a`` an integer in [-30, 30], / 255),
+  in random order, each clipped to [0, 1]. HSV: ``B = max(R, G, B)``, the pixel scales with it;
+  the others: ``B`` is the luma ``0.299 R + 0.587 G + 0.114 B``, its change is added to R, G, B
+  (exact for YCrCb and YUV, an approximation for HLS, Lab and Luv);
+* ``sharpness`` (``pillike.EnhanceSharpness()``): PIL sharpness factor uniform in [0, 2];
+* ``hue_saturation`` (``AddToHueAndSaturation((-50, 50), per_channel=True)``): two independent
+  integers ``h, s`` uniform in [-50, 50]; the HSV hue is shifted by ``2 * int(h * 180 / 255)``
+  degrees (imgaug's 255 = 360 degrees in OpenCV's 2-degree units: at most +-70 degrees), the
+  saturation ``S = (max - min) / max`` gets ``+ s / 255`` (clipped to [0, 1]), V is kept;
+* ``solarize`` (``Solarize(0.5, threshold=(32, 128))``): with probability 0.5, invert the values
+  ``>= k / 255``, ``k`` an integer uniform in [32, 127] (imgaug truncates the threshold drawn
+  from [32, 128)); otherwise unchanged;
+* ``posterize`` (``Posterize()``, default ``nb_bits=(1, 8)``): keep ``b`` bits of the uint8 level,
+  ``b`` uniform in {1..8} (the bin's lower edge, as PIL; ``b = 8`` leaves the image unchanged);
+* ``invert`` (``Invert()``): **a no-op**, as in DRAEM: imgaug's default ``p`` is 0 and DRAEM
+  passes none, so its Invert never inverts (it still takes one of the 3 slots);
+* ``autocontrast`` (``pillike.Autocontrast()``, default ``cutoff=(0, 20)``): PIL autocontrast,
+  each channel stretched to [0, 1] after cutting ``c`` % of its pixels at each end, ``c`` an
+  integer uniform in [0, 20], the same for all channels;
+* ``equalize`` (``pillike.Equalize()``): PIL's per-channel histogram equalisation;
+* ``rotate`` (``Affine(rotate=(-45, 45))``): uniform in [-45, 45] degrees, bilinear, black fill.
 """
 
 
