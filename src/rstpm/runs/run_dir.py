@@ -17,10 +17,6 @@ Nothing is unpickled: weights are safetensors, everything else is JSON.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,8 +27,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from rstpm._version import __version__
 from rstpm.config import Config
-from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json, file_digest, read_json
 from rstpm.core.model import RSTPM
+from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json, file_digest, read_json
 from rstpm.runs.teachers import build_model
 
 CONFIG_FILE = "config.json"

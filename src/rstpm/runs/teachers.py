@@ -21,7 +21,6 @@ students, and must be asked for explicitly.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import nn
 from rstpm.config import Config
 from rstpm.core.backbones import FeaturePyramid, create_network
 from rstpm.core.discriminative import DiscriminativeStage
-from rstpm.core.model import PAIR1_STRIDES, T1_STRIDES, T2_STRIDES, RSTPM
+from rstpm.core.model import PAIR1_STRIDES, RSTPM, T1_STRIDES, T2_STRIDES
 
 RANDOM = "random"
 
@@ -191,7 +190,9 @@ def build_pyramid(
 
 
 
-def build_model(config: Config, student_weights: str = RANDOM) -> tuple[RSTPM, dict[str, WeightsInfo]]:
+def build_model(
+    config: Config, student_weights: str = RANDOM
+) -> tuple[RSTPM, dict[str, WeightsInfo]]:
     """The model of a config: teachers with their ImageNet weights (or a WeightsError), random
     students, and the discriminative stage when the config trains one."""
     w1, w2 = config.teacher_weights
