@@ -15,6 +15,7 @@ from rstpm.metrics.thresholds import (
     f1_optimal_threshold,
     threshold_at_rate,
 )
+from rstpm.metrics.verdicts import clopper_pearson, false_alarm_check
 from rstpm.runs.thresholds_file import load_thresholds, save_thresholds
 
 
@@ -118,3 +119,32 @@ def test_thresholds_round_trip_and_damaged_file(tmp_path) -> None:
     (tmp_path / "thresholds.json").write_text("{not json")
     with pytest.raises(CalibrationError, match="rstpm threshold"):
         load_thresholds(tmp_path)
+
+
+@pytest.mark.parametrize("k, n", [(0, 20), (1, 20), (3, 60), (20, 20), (7, 83)])
+def test_clopper_pearson_matches_scipy_exact_binomial_interval(k: int, n: int) -> None:
+    from scipy.stats import binomtest
+
+    low, high = clopper_pearson(k, n)
+    reference = binomtest(k, n).proportion_ci(0.95, method="exact")
+    assert low == pytest.approx(reference.low, abs=1e-9)
+    assert high == pytest.approx(reference.high, abs=1e-9)
+    assert low <= k / n <= high
+
+
+def test_false_alarm_check_counts_at_the_calibrated_threshold_of_each_target() -> None:
+    normals = NormalStatistics(
+        image_scores=[float(v) for v in np.arange(1, 100)], pixel_median=0.0, pixel_tail=[0.0]
+    )
+    # targets 1 % and 5 % of 99 normals: order statistics at 0.99 * 100 = 99 and 0.95 * 100 = 95
+    scores = [10.0, 96.0, 99.5, 120.0, 94.0, 99.0]
+    types = ["good", "good", "good", "crack", "crack", "crack"]
+    strict, loose = false_alarm_check(scores, types, normals, targets=(0.01, 0.05))
+    assert strict["threshold"] == pytest.approx(99.0) and loose["threshold"] == pytest.approx(95.0)
+    assert (strict["false_alarms"], strict["detected"]) == (1, 2)  # 99.5; 120 and 99.0
+    assert (loose["false_alarms"], loose["detected"]) == (2, 2)  # 96, 99.5; 120 and 99.0
+    assert strict["n_good"] == 3 and strict["n_defective"] == 3 and strict["n_calibration"] == 99
+    low, high = strict["interval_95"]
+    assert low < 1 / 3 < high and strict["target_in_interval"] is True
+    with pytest.raises(ValueError):
+        clopper_pearson(3, 2)

@@ -15,6 +15,7 @@ from rstpm.cli import main
 from rstpm.data.images import load_mask
 from rstpm.data.layout import list_test_samples
 from rstpm.metrics.protocol import aupro
+from rstpm.runs.run_dir import load_run
 
 FIT_ARGS = ["--epochs", "2", "--batch-size", "8", "--image-size", "64", "--seed", "0", "--quiet"]
 FIT_ARGS += ["--disc-epochs", "2", "--disc-batch-size", "4"]
@@ -33,7 +34,9 @@ def test_fit_writes_a_complete_run(trained_run: Path) -> None:
     config = json.loads((trained_run / "config.json").read_text())
     assert config["preset"] == "lite" and config["epochs"] == 2 and config["image_size"] == 64
     info = json.loads((trained_run / "run.json").read_text())
-    assert info["n_train"] + info["n_val"] == 20 and info["n_val"] == 4
+    assert info["n_train"] + info["n_val"] + info["n_calibration"] == 20
+    assert info["n_val"] == info["n_calibration"] == 2  # 4 held out: 2 select, 2 calibrate
+    assert not set(info["val_images"]) & set(info["calibration_images"])
     assert len(info["teachers"]["teacher1"]["file_sha256"]) == 64
     assert 1 <= info["best_epoch"] <= 2
     log = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
@@ -46,7 +49,7 @@ def test_fit_writes_a_complete_run(trained_run: Path) -> None:
     assert 1 <= info["disc_best_epoch"] <= 2
     assert all(np.isfinite(r["loss"]) for r in log)
     # the test split was never read: validation images are training images
-    assert all("/train/" in p for p in info["val_images"])
+    assert all("/train/" in p for p in info["val_images"] + info["calibration_images"])
 
 
 @pytest.mark.parametrize("variant", ["stpm", "st", "disc", "full"])
@@ -187,6 +190,7 @@ def test_variants_need_a_discriminative_net(
         ["--disc-resolution", "full"],
         ["--disc-pool-refresh", "2", "--anomaly-source", "TEXTURES"],
         ["--precision", "bf16", "--channels-last"],
+        ["--fusion", "normalised", "--calibration-fraction", "0"],
     ],
 )
 def test_every_ablation_flag_builds_and_trains(
@@ -204,10 +208,22 @@ def test_every_ablation_flag_builds_and_trains(
     if "--attention" in flags:
         assert config["attention"] == flags[1]
     assert config["channels_last"] == ("--channels-last" in flags)
+    info = json.loads((run / "run.json").read_text())
+    if "--fusion" in flags:  # scales from the held-out normals, stored in the run's weights
+        scales = info["fusion_scales"]
+        assert len(scales) == 6 and all(s > 0 for s in scales) and len(set(scales)) == 6
+        assert load_run(run)[0].fusion_scales.tolist() == pytest.approx(scales)
+        assert info["val_images"] == info["calibration_images"]  # --calibration-fraction 0
+    else:
+        assert "fusion_scales" not in info
     out = tmp_path / "test"
     args = ["test", "--run", str(run), "--data", str(synthetic_category), "--out", str(out)]
     assert main([*args, "--quiet"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["overall"]["image_auroc"] is not None
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"]["image_auroc"] is not None
+    checks = metrics["false_alarm_check"]
+    assert [c["target"] for c in checks] == [0.01, 0.05]
+    assert all(c["n_good"] == metrics["overall"]["n_good"] for c in checks)
 
 
 def test_bench_trains_a_grid_reuses_runs_and_writes_tables(

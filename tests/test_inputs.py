@@ -186,7 +186,7 @@ def run(odd_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fit_reads_every_odd_image_and_skips_the_rest(run: Path) -> None:
     info = json.loads((run / "run.json").read_text())
-    assert info["n_train"] + info["n_val"] == 20 + len(ODD_VALID)
+    assert info["n_train"] + info["n_val"] + info["n_calibration"] == 20 + len(ODD_VALID)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -305,3 +306,23 @@ def test_infer_returns_map_score_and_intermediate_maps_from_one_forward() -> Non
     assert result.omega7.shape == (2, 64, 64)
     lean = model.infer(image, "st")
     assert lean.omegas is None and lean.omega7 is None
+
+
+def test_fusion_scales_divide_each_map_before_eq5_and_ones_are_the_paper_exactly() -> None:
+    from rstpm.core.fusion import resize_map
+    from rstpm.training.calibrate import fusion_scales
+
+    model = small_model("lite").eval()
+    image = torch.rand(3, 3, 64, 64)
+    paper = model.anomaly_map(image, "st")
+    with torch.no_grad():
+        omegas = model(image)
+    scales = fusion_scales(model, image, batch_size=2, quantile=0.99)
+    for omega, scale in zip(omegas, scales, strict=True):  # the 0.99 quantile of each map
+        assert float(scale) == pytest.approx(float(np.quantile(omega.numpy(), 0.99)), rel=1e-5)
+    assert torch.equal(model.anomaly_map(image, "st"), paper)  # ones: bit for bit the paper
+    model.fusion_scales.copy_(scales)
+    up = [resize_map(o / s, (64, 64)) for o, s in zip(omegas, scales, strict=True)]
+    expected = (up[0] + up[5]) * (up[1] + up[4]) * (up[2] + up[3])
+    assert torch.allclose(model.anomaly_map(image, "st"), expected, rtol=1e-5, atol=0)
+    assert "fusion_scales" in model.trainable_state_dict()

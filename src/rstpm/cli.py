@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rstpm._version import __version__
-from rstpm.config import DISC_RESOLUTIONS, PRESETS, Config
+from rstpm.config import DISC_RESOLUTIONS, FUSIONS, PRESETS, Config
 from rstpm.core.attention import PLACEMENTS
 from rstpm.core.fusion import VARIANTS
 from rstpm.core.precision import PRECISIONS
@@ -30,6 +30,20 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--attention", choices=PLACEMENTS, default="pair2")
+    parser.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default="paper",
+        help="Eq. 5's sums: paper (plain) or normalised (each map divided by its 0.99 quantile "
+        "on held-out normal images)",
+    )
+    parser.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.5,
+        help="share of the held-out normal images that only set thresholds (never choose a "
+        "checkpoint); 0: the same images select and calibrate",
+    )
     parser.add_argument(
         "--smoothing-sigma",
         type=float,
@@ -235,6 +249,8 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         lr=args.lr,
         attention=args.attention,
         smoothing_sigma=args.smoothing_sigma,
+        fusion=args.fusion,
+        calibration_fraction=args.calibration_fraction,
         teacher_weights=weights,
         cache_teacher_features=not args.no_cache,
         teacher2=args.teacher2,

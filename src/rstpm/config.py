@@ -17,6 +17,7 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 
 DISC_RESOLUTIONS = ("quarter", "full")
+FUSIONS = ("paper", "normalised")
 
 
 @dataclass
@@ -34,8 +35,12 @@ class Config:
     lr: float = 0.4
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    val_fraction: float = 0.2  # held-out normal training images for checkpoint selection
+    val_fraction: float = 0.2  # held-out normal training images (never trained on)
+    # of the held-out images, the share that only sets thresholds (never chooses a checkpoint or a
+    # fusion scale); 0: the same held-out images select and calibrate (runs before this option)
+    calibration_fraction: float = 0.5
     seed: int = 0
+    fusion: str = "paper"  # paper: Eq. 5's plain sums | normalised: each map on a common scale
     smoothing_sigma: float = 4.0  # Gaussian blur of the final map, input pixels (core/smoothing.py)
     cache_teacher_features: bool = True
     precision: str = "fp32"  # fp32 (exact) | bf16 (autocast, see core/precision.py)
@@ -89,6 +94,10 @@ class Config:
             raise ValueError("--checkpoint-interval must be >= 0 seconds")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie in (0, 1)")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise ValueError("--calibration-fraction must lie in [0, 1)")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}")
 
     @property
     def default_variant(self) -> str:
@@ -106,7 +115,8 @@ class Config:
         run whose student fields are equal)."""
         names = (
             "preset teacher1 teacher2 attention decoder_widths image_size epochs batch_size lr "
-            "momentum weight_decay val_fraction seed teacher_weights precision"
+            "momentum weight_decay val_fraction calibration_fraction seed teacher_weights "
+            "precision"
         ).split()
         return {name: getattr(self, name) for name in names}
 

@@ -87,6 +87,10 @@ class RSTPM(nn.Module):
         )
         self.attention = attention
         self.discriminator = discriminator
+        # Eq. 5's additions on a common scale (Config.fusion "normalised"): Omega^1..6 are each
+        # divided by a high quantile of their values on held-out normal images before the fusion
+        # and the discriminative network see them; ones (the default) are the paper's plain sums
+        self.register_buffer("fusion_scales", torch.ones(6))
         self.precision = "fp32"  # or "bf16": see precision.py; a runtime choice, not a weight
         self.channels_last = False  # memory layout of activations: see set_channels_last
 
@@ -169,6 +173,11 @@ class RSTPM(nn.Module):
         pair2 = [distance_map(t, s) for t, s in zip(t2_coarse_to_fine, s2, strict=True)]
         return pair1 + pair2
 
+    def scale_omegas(self, omegas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Omega^1..6 as the fusion (Eq. 5, 7) and the discriminative network take them: each
+        divided by its entry of ``fusion_scales`` (ones, the paper's form, leave them exact)."""
+        return [omega / scale for omega, scale in zip(omegas, self.fusion_scales, strict=True)]
+
     @torch.inference_mode()
     def variant_maps(
         self, image: torch.Tensor, variants: Sequence[str], smoothing_sigma: float = 0.0
@@ -178,7 +187,7 @@ class RSTPM(nn.Module):
         for variant in variants:
             check_variant(variant, self.discriminator is not None)
         size = tuple(image.shape[-2:])
-        omegas = self(image)
+        omegas = self.scale_omegas(self(image))
         omega7 = None
         if any(v in NEEDS_OMEGA7 for v in variants):
             omega7 = self.discriminator.omega7(omegas, size)
@@ -196,7 +205,8 @@ class RSTPM(nn.Module):
         intermediate maps (Omega^1..6 and Omega^7)."""
         check_variant(variant, self.discriminator is not None)
         size = tuple(image.shape[-2:])
-        omegas = self(image)
+        raw = self(image)
+        omegas = self.scale_omegas(raw)
         omega7 = None
         if variant in NEEDS_OMEGA7:
             omega7 = self.discriminator.omega7(omegas, size)
@@ -204,7 +214,7 @@ class RSTPM(nn.Module):
         return Inference(
             final,
             final.flatten(1).amax(dim=1),
-            omegas if intermediate else None,
+            raw if intermediate else None,
             omega7 if intermediate else None,
         )
 

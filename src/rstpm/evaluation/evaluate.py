@@ -26,7 +26,7 @@ from rstpm.evaluation.report import write_report
 from rstpm.inference.backends import open_backend
 from rstpm.inference.maps import predict_maps
 from rstpm.metrics.protocol import evaluate
-from rstpm.metrics.verdicts import at_threshold
+from rstpm.metrics.verdicts import at_threshold, false_alarm_check
 from rstpm.runs.files import atomic_write_bytes, atomic_write_json
 from rstpm.runs.thresholds_file import load_thresholds
 
@@ -84,9 +84,10 @@ def test_variants(
             name = f"{sample.path.stem}.tiff"
             write_tiff(out_dir / "anomaly_maps" / sample.defect_type / name, amap)
         metrics = evaluate(maps, masks, types, image_scores=scores)
-        verdicts = None
+        verdicts = check = None
         if variant in thresholds:
             verdicts = at_threshold(scores, types, thresholds[variant].image.value)
+            check = false_alarm_check(scores, types, thresholds[variant].normals)
         result = {
             "variant": variant,
             "run": str(run_dir.resolve()),
@@ -98,6 +99,7 @@ def test_variants(
             "torch_threads": torch.get_num_threads(),
             **metrics,
             "at_threshold": verdicts,
+            "false_alarm_check": check,
             "report": str((out_dir / "report.html").resolve()),
         }
         atomic_write_json(out_dir / "metrics.json", result)

@@ -30,7 +30,7 @@ MAX_F1_PIXELS = 4_000_000  # pixel F1 on a labelled set: an even subsample of at
 def _normals_of_run(run_dir: Path) -> dict[str, NormalStatistics]:
     """Normal statistics recomputed from the held-out images recorded in run.json."""
     model, config, info = load_run(run_dir)
-    paths = info.get("val_images")
+    paths = info.get("calibration_images") or info.get("val_images")
     if not paths:
         raise CalibrationError(f"{Path(run_dir) / RUN_FILE} lists no held-out normal images")
     samples = [Sample(Path(p), "good") for p in paths]

@@ -279,6 +279,30 @@ def _metrics_table(result: dict, verdicts: dict[str, Verdicts] | None) -> str:
     return "".join(out)
 
 
+def _false_alarm_table(checks: list[dict]) -> str:
+    """The calibration's promise checked on the test's good images, per target rate."""
+    head = ["target false-alarm rate", "threshold", "false alarms", "realised (95 % interval)"]
+    head += ["target inside", "detected"]
+    out = ["<table class='metrics'><thead><tr>"]
+    out += [f"<th>{html.escape(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for c in checks:
+        low, high = c["interval_95"] or (None, None)
+        realised = _fmt(c["false_alarm_rate"])
+        interval = "" if low is None else f" ({low:.3f}&ndash;{high:.3f})"
+        cells = [
+            f"{c['target']:.3g}",
+            f"{c['threshold']:.6g}",
+            f"{c['false_alarms']} / {c['n_good']}",
+            realised + interval,
+            {True: "yes", False: "no", None: "n/a"}[c["target_in_interval"]],
+            f"{c['detected']} / {c['n_defective']}",
+        ]
+        out.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
 def _facts(result: dict, thresholds: Thresholds | None) -> str:
     items: list[tuple[str, str]] = [
         ("variant", str(result.get("variant", ""))),
@@ -428,6 +452,15 @@ def render_report(
             "<p class='note'>detected: defective images with score &ge; the image threshold; "
             "false alarms: good images with score &ge; the image threshold.</p>"
         )
+    if result.get("false_alarm_check"):
+        n_cal = result["false_alarm_check"][0]["n_calibration"]
+        parts += [
+            "<h2>Does the calibration keep its promise?</h2>",
+            _false_alarm_table(result["false_alarm_check"]),
+            f"<p class='note'>thresholds at each target from the run's {n_cal} calibration "
+            "images (held-out normals); the realised rate on this test set's good images with "
+            "its exact (Clopper-Pearson) 95 % interval, which should contain the target</p>",
+        ]
 
     # plots
     plots: list[tuple[str, bytes | None, str]] = []

@@ -133,6 +133,7 @@ def read_config(run_dir: Path) -> Config:
     """A run's resolved Config, read without building its networks."""
     stored = read_json(Path(run_dir) / CONFIG_FILE)
     stored.setdefault("disc_epochs", 0)  # runs from before the discriminative stage existed
+    stored.setdefault("calibration_fraction", 0.0)  # before it: the same images chose and set
     return Config.from_dict(stored)
 
 
@@ -158,6 +159,8 @@ def load_run(run_dir: Path, precision: str | None = None) -> tuple[RSTPM, Config
     state = load_weights(run_dir / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("teacher1.", "teacher2."))]
+    if missing == ["fusion_scales"] and config.fusion == "paper":
+        missing = []  # a run from before --fusion: the paper's plain sums (scales of one)
     if missing or unexpected:
         raise RunError(
             f"{run_dir / WEIGHTS_FILE} does not fit the run's config "

@@ -1,5 +1,6 @@
-"""Thresholds calibrated at the end of ``fit`` from the maps of the held-out normal images
-(rstpm.metrics.thresholds holds the maths)."""
+"""What ``fit`` measures on held-out normal images after training: the fusion's scales (on the
+selection images) and the thresholds (on the calibration images, which chose nothing); the
+maths of thresholds is rstpm.metrics.thresholds."""
 
 from __future__ import annotations
 
@@ -36,3 +37,22 @@ def calibrate_thresholds(
         )
         for v in variants
     }
+
+
+FUSION_QUANTILE = 0.99
+"""``--fusion normalised``: each Omega^k is divided by this quantile of its values on held-out
+normal images, so that the six maps added in Eq. 5 have the same scale on normal images."""
+
+
+@torch.no_grad()
+def fusion_scales(
+    model: RSTPM, normal_images: torch.Tensor, batch_size: int, quantile: float = FUSION_QUANTILE
+) -> torch.Tensor:
+    """(6,) the ``quantile`` of each Omega^k's values (at its own resolution) over the images."""
+    model.eval()
+    values: list[list[np.ndarray]] = [[] for _ in range(6)]
+    for start in range(0, len(normal_images), batch_size):
+        for k, omega in enumerate(model(normal_images[start : start + batch_size])):
+            values[k].append(omega.float().flatten().numpy())
+    scales = [float(np.quantile(np.concatenate(v), quantile)) for v in values]
+    return torch.tensor([s if s > 0 else 1.0 for s in scales], dtype=torch.float32)

@@ -34,7 +34,7 @@ def discriminator_inputs(model: RSTPM, images: torch.Tensor, batch_size: int) ->
     through the frozen teachers and students."""
     model.eval()
     parts = [
-        model.discriminator.raw_inputs(model(images[i : i + batch_size]))
+        model.discriminator.raw_inputs(model.scale_omegas(model(images[i : i + batch_size])))
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(parts)

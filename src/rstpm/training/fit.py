@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ from rstpm.config import Config
 from rstpm.core.model import RSTPM
 from rstpm.data.dataset import load_all_images
 from rstpm.data.images import DataError
-from rstpm.data.layout import list_train_samples, split_train_val
+from rstpm.data.layout import Sample, list_train_samples, split_train_val
 from rstpm.runs.checkpoint import load_checkpoint, remove_checkpoint
-from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json, read_json
+from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json
 from rstpm.runs.run_dir import (
     CONFIG_FILE,
     LOG_FILE,
@@ -34,7 +35,7 @@ from rstpm.runs.run_dir import (
 )
 from rstpm.runs.teachers import build_model
 from rstpm.runs.thresholds_file import save_thresholds
-from rstpm.training.calibrate import calibrate_thresholds
+from rstpm.training.calibrate import calibrate_thresholds, fusion_scales
 from rstpm.training.discriminator import DiscriminatorStage
 from rstpm.training.loop import (
     Checkpointer,
@@ -49,7 +50,7 @@ from rstpm.training.students import StudentStage
 
 def _reusable_students(config: Config, students_from: Path) -> dict[str, torch.Tensor]:
     """The student weights of an earlier run with the same student configuration."""
-    other = Config.from_dict(read_json(Path(students_from) / CONFIG_FILE))
+    other = read_config(Path(students_from))
     if other.student_fields() != config.student_fields():
         changed = [k for k, v in config.student_fields().items() if other.student_fields()[k] != v]
         raise RunError(
@@ -60,17 +61,35 @@ def _reusable_students(config: Config, students_from: Path) -> dict[str, torch.T
     return {k: v for k, v in state.items() if not k.startswith("discriminator.")}
 
 
-def _training_split(config: Config, data_root: Path) -> tuple[list, list]:
-    """The training and held-out normal samples, or a DataError (checked before any write)."""
+@dataclass
+class TrainingSplit:
+    """The normal training images: trained on, selecting (checkpoints, fusion scales) and
+    calibrating (thresholds only: never chose anything, so their scores are like new images')."""
+
+    train: list[Sample]
+    selection: list[Sample]
+    calibration: list[Sample]
+
+
+def _training_split(config: Config, data_root: Path) -> TrainingSplit:
+    """The split of the normal images, or a DataError (checked before any write)."""
     samples = list_train_samples(data_root)
-    train_samples, val_samples = split_train_val(samples, config.val_fraction, config.seed)
+    train_samples, held_out = split_train_val(samples, config.val_fraction, config.seed)
     if len(train_samples) < config.batch_size:
         raise DataError(
             f"{data_root}: {len(train_samples)} training images after holding out "
-            f"{len(val_samples)} for validation, fewer than --batch-size {config.batch_size}; "
+            f"{len(held_out)} for validation, fewer than --batch-size {config.batch_size}; "
             "lower --batch-size or add images"
         )
-    return train_samples, val_samples
+    if config.calibration_fraction == 0:  # runs from before the option: the same images
+        return TrainingSplit(train_samples, held_out, held_out)
+    if len(held_out) < 2:
+        raise DataError(
+            f"{data_root}: {len(held_out)} held-out normal image cannot be split into selection "
+            "and calibration images; add images or pass --calibration-fraction 0"
+        )
+    selection, calibration = split_train_val(held_out, config.calibration_fraction, config.seed)
+    return TrainingSplit(train_samples, selection, calibration)
 
 
 def fit(
@@ -142,7 +161,7 @@ def _train(
     resume_from: Resume | None,
 ) -> dict[str, Any]:
     data_root = Path(meta["data"])
-    train_samples, val_samples = _training_split(config, data_root)
+    split = _training_split(config, data_root)
     stage = resume_from[0]["stage"] if resume_from is not None else None
     meta_epoch = resume_from[0]["epoch"] if resume_from is not None else None
     generator = seed_everything(config.seed)
@@ -150,8 +169,10 @@ def _train(
     model, teachers = build_model(config)
     model.set_precision(config.precision)
     model.set_channels_last(config.channels_last)
-    train_images = load_all_images(train_samples, config.image_size, progress=progress)
-    val_images = load_all_images(val_samples, config.image_size, progress=progress)
+    train_images, val_images, calibration_images = (
+        load_all_images(part, config.image_size, progress=progress)
+        for part in (split.train, split.selection, split.calibration)
+    )
     logger = EpochLogger(run_dir / LOG_FILE, progress, log)
     checkpointer = Checkpointer(run_dir, meta, config.checkpoint_interval, on_epoch_end)
     students, info = _stage1(
@@ -160,6 +181,9 @@ def _train(
     )
     missing, unexpected = model.load_state_dict(students, strict=False)
     assert not unexpected, unexpected
+    if config.fusion == "normalised":  # deterministic: recomputed the same way on resume
+        model.fusion_scales.copy_(fusion_scales(model, val_images, config.batch_size))
+        info["fusion_scales"] = model.fusion_scales.tolist()
     if model.discriminator is not None:
         checkpointer.extra = {"students": students}
         checkpointer.meta = {**meta, "stage1_info": dict(info)}
@@ -170,13 +194,15 @@ def _train(
                 resume_disc,
             )
         )
-    save_thresholds(run_dir, calibrate_thresholds(model, config, val_images))
+    save_thresholds(run_dir, calibrate_thresholds(model, config, calibration_images))
     info = {
         "teachers": {k: v.to_dict() for k, v in teachers.items()},
         "data": str(data_root),
-        "n_train": len(train_samples),
-        "n_val": len(val_samples),
-        "val_images": [str(s.path) for s in val_samples],
+        "n_train": len(split.train),
+        "n_val": len(split.selection),
+        "n_calibration": len(split.calibration),
+        "val_images": [str(s.path) for s in split.selection],
+        "calibration_images": [str(s.path) for s in split.calibration],
         **info,
         "resumed_from": None if stage is None else {"stage": stage, "epoch": meta_epoch},
         "total_seconds": round(time.perf_counter() - started, 3),
