@@ -192,7 +192,9 @@ def test_test_reports_verdicts_at_the_threshold_consistent_with_predict(
     out = tmp_path / "test"
     args = ["test", "--run", str(run), "--data", str(synthetic_category), "--out", str(out)]
     assert main([*args, "--quiet"]) == 0
-    assert "defective images detected" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "defective images detected" in printed
+    assert "calibration check at a 1% target" in printed and "at a 5% target" in printed
     verdicts = json.loads((out / "metrics.json").read_text())["at_threshold"]
     assert verdicts["n_good"] == 4 and verdicts["n_defective"] == 8
     pattern = str(synthetic_category / "test" / "*" / "*.png")

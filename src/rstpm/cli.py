@@ -286,6 +286,14 @@ def _print_metrics(result: dict) -> None:
             f"{verdicts['false_alarms']}/{verdicts['n_good']} good images flagged, "
             f"{verdicts['detected']}/{verdicts['n_defective']} defective images detected"
         )
+    for check in result.get("false_alarm_check") or []:
+        low, high = check["interval_95"] or (float("nan"), float("nan"))
+        print(
+            f"calibration check at a {check['target']:.0%} target: "
+            f"{check['false_alarms']}/{check['n_good']} good images flagged "
+            f"(95 % interval {low:.3f}-{high:.3f}), "
+            f"{check['detected']}/{check['n_defective']} defective images detected"
+        )
     if result.get("report"):
         print(f"report: {result['report']}")
 
