@@ -48,7 +48,6 @@ class Backend:
     batch_maps: BatchMaps
     config: Config
     variants: list[str]
-    name: str
     precision: str
 
 
@@ -73,9 +72,9 @@ def open_backend(
         model, config, _ = load_run(run_dir, precision)
         resolved = [v or config.default_variant for v in variants]
         maps = torch_backend(model, resolved, config.smoothing_sigma)
-        return Backend(maps, config, resolved, backend, model.precision)
+        return Backend(maps, config, resolved, model.precision)
     if backend == "onnx":
         config = read_config(run_dir)
         graph = onnx_backend(run_dir, config, variants, onnx_path)
-        return Backend(graph, config, [graph.variant for _ in variants], backend, "fp32")
+        return Backend(graph, config, [graph.variant for _ in variants], "fp32")
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

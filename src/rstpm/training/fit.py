@@ -169,9 +169,14 @@ def _train(
     model, teachers = build_model(config)
     model.set_precision(config.precision)
     model.set_channels_last(config.channels_last)
-    train_images, val_images, calibration_images = (
+    train_images, val_images = (
         load_all_images(part, config.image_size, progress=progress)
-        for part in (split.train, split.selection, split.calibration)
+        for part in (split.train, split.selection)
+    )
+    calibration_images = (  # --calibration-fraction 0: the selection images, read once
+        val_images
+        if split.calibration is split.selection
+        else load_all_images(split.calibration, config.image_size, progress=progress)
     )
     logger = EpochLogger(run_dir / LOG_FILE, progress, log)
     checkpointer = Checkpointer(run_dir, meta, config.checkpoint_interval, on_epoch_end)
