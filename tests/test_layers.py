@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("rstpm._version",),  # the version string
     ("rstpm.core",),  # the method: torch only, no files
-    ("rstpm.config",),  # a run's resolved configuration
+    ("rstpm.config", "rstpm.hardware"),  # a run's configuration; the CPU's flags
     ("rstpm.data",),  # layouts, image loading, input policy, synthesis
     ("rstpm.metrics",),  # protocol metrics, curves, threshold maths, verdicts
     ("rstpm.runs",),  # the run directory, teacher weights, checkpoints

@@ -19,7 +19,7 @@ from rstpm._version import __version__
 from rstpm.config import DISC_RESOLUTIONS, FUSIONS, PRESETS, Config
 from rstpm.core.attention import PLACEMENTS
 from rstpm.core.fusion import VARIANTS
-from rstpm.core.precision import PRECISIONS
+from rstpm.core.precision import REQUESTS
 
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +62,11 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="bf16: autocast convolutions to bfloat16 (faster on AVX-512 BF16 CPUs, not exact)",
+        choices=REQUESTS,
+        default="auto",
+        help="auto (default): bf16 + channels-last where the CPU has native bf16 (AVX-512 BF16 "
+        "or AMX), else fp32; fp32: the exact path; bf16: autocast convolutions to bfloat16 "
+        "(not exact)",
     )
     parser.add_argument(
         "--channels-last",
@@ -160,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     test.add_argument(
         "--precision",
-        choices=PRECISIONS,
-        help="torch backend: fp32 or bf16 (default: the precision the run was trained with)",
+        choices=REQUESTS,
+        help="torch backend: auto, fp32 or bf16 (default: the run's; auto is resolved on this "
+        "machine)",
     )
     test.add_argument(
         "--onnx", type=Path, help="graph for --backend onnx (default RUN/export/model-VARIANT.onnx)"
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     predict.add_argument("--onnx", type=Path, help="graph for --backend onnx")
-    predict.add_argument("--precision", choices=PRECISIONS)
+    predict.add_argument("--precision", choices=REQUESTS)
     predict.add_argument("--quiet", action="store_true", help="no summary on stderr")
     predict.add_argument(
         "--json", action="store_true", help="(default) one JSON line per image on stdout"

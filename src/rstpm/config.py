@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rstpm.core.attention import PLACEMENTS
-from rstpm.core.precision import PRECISIONS
+from rstpm.core.precision import REQUESTS
 
 # Teacher architectures per preset (T1, T2). S1 = T1's architecture, randomly initialised.
 PRESETS: dict[str, tuple[str, str]] = {
@@ -43,7 +43,7 @@ class Config:
     fusion: str = "paper"  # paper: Eq. 5's plain sums | normalised: each map on a common scale
     smoothing_sigma: float = 4.0  # Gaussian blur of the final map, input pixels (core/smoothing.py)
     cache_teacher_features: bool = True
-    precision: str = "fp32"  # fp32 (exact) | bf16 (autocast, see core/precision.py)
+    precision: str = "auto"  # auto (per CPU) | fp32 (exact) | bf16 (autocast): core/precision.py
     channels_last: bool = False  # NHWC layout: faster on CPUs, not bit-exact (core/model.py)
     # The discriminative stage (method.md section 3): trained after the students, both frozen.
     disc_epochs: int = 300  # 0: no discriminative network (variants stpm and st only)
@@ -79,8 +79,8 @@ class Config:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.precision not in REQUESTS:
+            raise ValueError(f"--precision must be one of {', '.join(REQUESTS)}")
         if self.disc_resolution not in DISC_RESOLUTIONS:
             raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
         if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:

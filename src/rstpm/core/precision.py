@@ -4,15 +4,26 @@
 AMX); parameters, optimiser state, the distances of Eq. 2 and the losses stay in float32. It is
 a switch because it changes the numbers: measure it against ``fp32`` (benchmarks/speed.py and
 the README) before trusting it on a new category.
+
+``auto`` (the command line's default) is resolved by :func:`choose_precision` from the CPU's
+flags: bf16 with the channels-last layout where the CPU computes bf16 natively, fp32 elsewhere
+(a CPU without those instructions emulates bf16, many times slower than fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
 
 import torch
 
 PRECISIONS = ("fp32", "bf16")
+"""What the networks run at."""
+REQUESTS = ("auto", *PRECISIONS)
+"""What a user may ask for: ``auto`` is resolved per machine."""
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (as /proc/cpuinfo names them) of native bf16 arithmetic: either one suffices."""
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -20,3 +31,33 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What a request resolved to on one machine (recorded in run.json)."""
+
+    requested: str
+    precision: str
+    channels_last: bool
+    native_bf16: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def choose_precision(
+    requested: str, cpu_flags: Collection[str], channels_last: bool = False
+) -> PrecisionChoice:
+    """Resolve ``auto`` / ``fp32`` / ``bf16`` against a CPU's flags.
+
+    ``auto`` gives bf16 + channels-last when one of :data:`NATIVE_BF16_FLAGS` is present, else
+    fp32 with the layout asked for; an explicit precision is kept as it is.
+    """
+    if requested not in REQUESTS:
+        raise ValueError(f"precision must be one of {', '.join(REQUESTS)}, got {requested!r}")
+    native = any(flag in cpu_flags for flag in NATIVE_BF16_FLAGS)
+    if requested == "auto":
+        precision = "bf16" if native else "fp32"
+        return PrecisionChoice(requested, precision, channels_last or native, native)
+    return PrecisionChoice(requested, requested, channels_last, native)

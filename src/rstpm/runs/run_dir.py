@@ -28,6 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from rstpm._version import __version__
 from rstpm.config import Config
 from rstpm.core.model import RSTPM
+from rstpm.hardware import resolve_precision
 from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json, file_digest, read_json
 from rstpm.runs.teachers import build_model
 
@@ -140,7 +141,9 @@ def read_config(run_dir: Path) -> Config:
 def load_run(run_dir: Path, precision: str | None = None) -> tuple[RSTPM, Config, dict]:
     """The trained model of a run (eval mode), its config and run info.
 
-    ``precision`` (fp32 / bf16) defaults to the one the run was trained with.
+    ``precision`` (auto / fp32 / bf16) defaults to the one the run was trained with; ``auto`` is
+    resolved on this machine (rstpm.hardware), so a run fitted on a bf16 CPU runs fp32 on one
+    without native bf16.
     Teachers are rebuilt from the recorded source and must match the recorded sha256.
     """
     run_dir = Path(run_dir)
@@ -167,6 +170,7 @@ def load_run(run_dir: Path, precision: str | None = None) -> tuple[RSTPM, Config
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `rstpm fit`"
         )
     model.eval()
-    model.set_precision(precision or config.precision)
-    model.set_channels_last(config.channels_last)
+    choice = resolve_precision(precision or config.precision, config.channels_last)
+    model.set_precision(choice.precision)
+    model.set_channels_last(choice.channels_last)
     return model, config, info

@@ -21,6 +21,7 @@ from rstpm.core.model import RSTPM
 from rstpm.data.dataset import load_all_images
 from rstpm.data.images import DataError
 from rstpm.data.layout import Sample, list_train_samples, split_train_val
+from rstpm.hardware import resolve_precision
 from rstpm.runs.checkpoint import load_checkpoint, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json
 from rstpm.runs.run_dir import (
@@ -167,8 +168,9 @@ def _train(
     generator = seed_everything(config.seed)
     started = time.perf_counter()
     model, teachers = build_model(config)
-    model.set_precision(config.precision)
-    model.set_channels_last(config.channels_last)
+    precision = resolve_precision(config.precision, config.channels_last)
+    model.set_precision(precision.precision)
+    model.set_channels_last(precision.channels_last)
     train_images, val_images = (
         load_all_images(part, config.image_size, progress=progress)
         for part in (split.train, split.selection)
@@ -212,6 +214,7 @@ def _train(
         "resumed_from": None if stage is None else {"stage": stage, "epoch": meta_epoch},
         "total_seconds": round(time.perf_counter() - started, 3),
         "torch_threads": torch.get_num_threads(),
+        "precision": precision.to_dict(),
     }
     save_run(run_dir, config, model.trainable_state_dict(), info)
     remove_checkpoint(run_dir)
