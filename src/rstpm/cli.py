@@ -1,4 +1,4 @@
-"""The `rstpm` command line: fit, test, export, bench, demo.
+"""The `rstpm` command line: fit, test, export, bench, serve, demo.
 
 Every user error (bad data, missing weights, damaged run) ends in ONE line on stderr that names
 the file and what to do, and exit code 2; nothing already written is destroyed.
@@ -230,6 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quiet", action="store_true")
     _add_fit_arguments(bench)
+
+    serve = sub.add_parser(
+        "serve", help="an HTTP inspection service for trained runs (needs the serve extra)"
+    )
+    serve.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="[NAME=]RUN_DIR",
+        help="a run to serve under NAME (default: the folder's name); repeat for several",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int, default=16, help="images per batch")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up"
+    )
+    serve.add_argument(
+        "--queue-size", type=int, default=64, help="waiting requests before 503 Retry-After"
+    )
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (MiB)")
+    serve.add_argument(
+        "--api-key", help="require Authorization: Bearer KEY (default: $RSTPM_API_KEY)"
+    )
+    serve.add_argument("--backend", choices=("torch", "onnx"), default="torch")
 
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
     demo.add_argument("--out", type=Path, help="folder for the data and the run (default: temp)")
@@ -491,6 +516,38 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"next: rstpm predict --run {run} {data / 'test'}/*/*.png --save-dir {root / 'verdicts'}")
 
 
+SERVE_MODULES = (
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "multipart",
+    "python_multipart",
+    "prometheus_client",
+)
+"""The serve extra's modules: `rstpm serve` without them is a one-line error, not a traceback."""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from rstpm.serve.app import ServeSettings
+        from rstpm.serve.server import run_server
+    except ImportError as error:
+        if (error.name or "").split(".")[0] not in SERVE_MODULES:
+            raise
+        raise ValueError(
+            f"rstpm serve needs the serve extra ({error.name} is missing): "
+            "pip install -e '.[serve]'"
+        ) from error
+    settings = ServeSettings(
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+        max_body_mb=args.max_body_mb,
+        api_key=args.api_key,
+    )
+    return run_server(args.run, args.host, args.port, settings, args.backend)
+
+
 @contextlib.contextmanager
 def _one_line_warnings(command: str) -> Iterator[None]:
     """Warnings printed as one line each, ``rstpm COMMAND: warning: ...``, without Python's
@@ -523,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": cmd_threshold,
         "export": cmd_export,
         "bench": cmd_bench,
+        "serve": cmd_serve,
         "demo": cmd_demo,
     }
     try:

@@ -1,0 +1,287 @@
+"""The FastAPI application of ``rstpm serve``: routes, errors, micro-batched inference.
+
+:func:`create_app` takes runs already loaded (:func:`rstpm.serve.runs.load_runs`) and returns
+an ASGI app. Its lifespan starts one :class:`~rstpm.serve.batching.MicroBatcher` per run,
+warms each run up with one inference, and only then reports ready; at shutdown it reports not
+ready, refuses new images and finishes the queued ones. Every error a client can cause is a 4xx
+answer ``{"error": "..."}`` naming the problem; the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from rstpm._version import __version__
+from rstpm.inference.detector import Detector, Prediction, PredictionError
+from rstpm.serve.batching import MicroBatcher, QueueFullError, ShuttingDownError
+from rstpm.serve.metrics import CONTENT_TYPE, ServeMetrics
+from rstpm.serve.middleware import GuardAndCount
+from rstpm.serve.page import render_page
+from rstpm.serve.render import map_png, overlay_png
+from rstpm.serve.runs import ServedRun, threshold_info
+from rstpm.serve.upload import (
+    MULTIPART,
+    UploadError,
+    check_content_type,
+    decode_image,
+    multipart_file,
+    read_body,
+)
+
+log = logging.getLogger("rstpm.serve")
+
+RETRY_AFTER_SECONDS = 1
+OverlayParam = Annotated[Literal["png"] | None, Query(description="png: add overlay_png")]
+MapParam = Annotated[Literal["png"] | None, Query(alias="map", description="png: add map_png")]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Batching, back-pressure, body limit and access of one server."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    queue_size: int = 64
+    max_body_mb: float = 32.0
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.queue_size < 1:
+            raise ValueError("--max-batch-size and --queue-size must be at least 1")
+        if self.max_wait_ms < 0 or not self.max_body_mb > 0:
+            raise ValueError("--max-wait-ms must be >= 0 and --max-body-mb > 0")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+@dataclass
+class _State:
+    runs: dict[str, ServedRun]
+    settings: ServeSettings
+    metrics: ServeMetrics
+    batchers: dict[str, MicroBatcher] = field(default_factory=dict)
+    ready: bool = False
+
+    def batcher(self, name: str) -> MicroBatcher:
+        """The batcher of a run by name (404 for an unknown name, 503 before start-up)."""
+        if name not in self.runs:
+            known = ", ".join(sorted(self.runs))
+            raise UploadError(404, f"unknown run {name[:80]!r}; this server has: {known}")
+        if name not in self.batchers:
+            raise ShuttingDownError("the server is not started")
+        return self.batchers[name]
+
+
+def batch_predictor(
+    detector: Detector,
+) -> Callable[[list[Image.Image]], list[Prediction | UploadError]]:
+    """The batch function of a run's batcher: one ``predict_many`` call for the whole batch, an
+    image that cannot be converted becomes that request's 422."""
+
+    def process(images: list[Image.Image]) -> list[Prediction | UploadError]:
+        results = detector.predict_many(images, batch_size=max(len(images), 1))
+        return [
+            UploadError(422, r.message) if isinstance(r, PredictionError) else r for r in results
+        ]
+
+    return process
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers=headers)
+
+
+def _busy(error: Exception) -> JSONResponse:
+    return _error(503, f"{error}; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = " ".join(str(part) for part in item.get("loc", ()))
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UploadError)
+    async def upload_error(_: Request, error: UploadError) -> JSONResponse:
+        return _error(error.status, error.message)
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_: Request, error: QueueFullError) -> JSONResponse:
+        return _busy(error)
+
+    @app.exception_handler(ShuttingDownError)
+    async def shutting_down(_: Request, error: ShuttingDownError) -> JSONResponse:
+        return _busy(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error(error.status_code, str(error.detail), dict(error.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(error))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return _error(500, f"internal error ({type(error).__name__}); see the server's log")
+
+
+async def _start(state: _State) -> None:
+    """One batcher per run, each warmed up by one inference on its worker thread."""
+    settings = state.settings
+    for name, served in state.runs.items():
+        batcher = MicroBatcher(
+            batch_predictor(served.detector),
+            settings.max_batch_size,
+            settings.max_wait_ms / 1000.0,
+            settings.queue_size,
+            observe=state.metrics.batch_observer(name),
+            name=f"rstpm-infer-{name}",
+        )
+        batcher.start()
+        state.metrics.watch(name, batcher)
+        state.batchers[name] = batcher
+    for name, batcher in state.batchers.items():
+        size = state.runs[name].detector.config.image_size
+        await batcher.submit(Image.new("RGB", (size, size), (128, 128, 128)))
+    state.ready = True
+
+
+async def _stop(state: _State) -> None:
+    """Not ready, no new images, every queued image answered."""
+    state.ready = False
+    for batcher in state.batchers.values():
+        await asyncio.to_thread(batcher.close)
+
+
+async def _image_from(request: Request, limit: int) -> tuple[Image.Image, str | None]:
+    """The request's image (raw body or multipart ``file``) and its file name, if any."""
+    kind = check_content_type(request.headers)
+    body = await read_body(request, limit)
+    filename = None
+    if kind == MULTIPART:
+        body, filename = await multipart_file(request.headers, body)
+    return await asyncio.to_thread(decode_image, body), filename
+
+
+def _answer(
+    served: ServedRun, prediction: Prediction, image: Image.Image, filename: str | None
+) -> dict[str, Any]:
+    record = prediction.record()
+    record["path"] = filename
+    return {
+        "run": served.name,
+        "variant": served.detector.variant,
+        "threshold": threshold_info(served.detector),
+        **record,
+        "width": image.width,
+        "height": image.height,
+    }
+
+
+def _pictures(prediction: Prediction, image: Image.Image, heatmap: bool, overlay: bool) -> dict:
+    out = {}
+    if heatmap:
+        out["map_png"] = base64.b64encode(map_png(prediction)).decode("ascii")
+    if overlay:
+        out["overlay_png"] = base64.b64encode(overlay_png(image, prediction)).decode("ascii")
+    return out
+
+
+def _add_routes(app: FastAPI, state: _State) -> None:
+    page = render_page(list(state.runs))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive (no API key needed)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Every run loaded and warmed up (503 before, and while shutting down)."""
+        body = {"ready": state.ready, "runs": list(state.runs)}
+        return JSONResponse(body, 200 if state.ready else 503)
+
+    @app.get("/v1/runs")
+    async def list_runs() -> dict[str, list[dict[str, Any]]]:
+        """The runs served: name, variant, thresholds, image size, manifest hashes."""
+        return {"runs": [served.info() for served in state.runs.values()]}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/runs/{name}/predict")
+    async def predict(
+        name: str, request: Request, overlay: OverlayParam = None, heatmap: MapParam = None
+    ) -> JSONResponse:
+        """One image (raw body, or multipart part ``file``) -> the record of ``rstpm predict``
+        with the run's variant and thresholds; ``?map=png`` / ``?overlay=png`` add the
+        pictures as base64 PNG."""
+        batcher = state.batcher(name)
+        try:
+            image, filename = await _image_from(request, state.settings.max_body_bytes)
+        except ClientDisconnect:
+            return _error(400, "the client disconnected before the body was complete")
+        prediction = await batcher.submit(image)
+        answer = _answer(state.runs[name], prediction, image, filename)
+        if heatmap or overlay:
+            draw = (prediction, image, heatmap is not None, overlay is not None)
+            answer |= await asyncio.to_thread(_pictures, *draw)
+        return JSONResponse(answer)
+
+
+def create_app(runs: dict[str, ServedRun], settings: ServeSettings | None = None) -> FastAPI:
+    """The ASGI app serving ``runs`` (by name) with ``settings``."""
+    if not runs:
+        raise ValueError("serve needs at least one run")
+    settings = settings or ServeSettings()
+    state = _State(runs, settings, ServeMetrics())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await _start(state)
+        try:
+            yield
+        finally:
+            await _stop(state)
+
+    app = FastAPI(
+        title="rstpm",
+        version=__version__,
+        summary="anomaly verdicts, scores and maps of trained rstpm runs",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load scripts from a CDN: the schema alone is served
+        redoc_url=None,
+    )
+    app.state.rstpm = state
+    _install_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(
+        GuardAndCount, metrics=state.metrics, routes=app.router.routes, api_key=settings.api_key
+    )
+    return app
+

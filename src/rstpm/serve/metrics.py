@@ -1,0 +1,96 @@
+"""Prometheus metrics of one server, in a registry of its own (several apps in one process, as in
+the tests, never share counters).
+
+* ``rstpm_requests_total{route, method, status}``: HTTP requests, by route template;
+* ``rstpm_request_seconds{route}``: latency histogram, from the request's arrival to its answer;
+* ``rstpm_batch_size{run}``: images per inference batch (histogram);
+* ``rstpm_batch_seconds{run}``: seconds per inference batch (histogram);
+* ``rstpm_queue_length{run}``: requests waiting for the inference worker;
+* ``rstpm_images_in_flight{run}``: images accepted and not yet answered (queued or computing).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from rstpm.serve.batching import BatchObserver, MicroBatcher
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServeMetrics:
+    """The server's counters, histograms and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rstpm_requests",
+            "HTTP requests by route template, method and status code",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "rstpm_request_seconds",
+            "HTTP request latency in seconds, by route template",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "rstpm_batch_size",
+            "images per inference batch",
+            ["run"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "rstpm_batch_seconds",
+            "seconds per inference batch",
+            ["run"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_length = Gauge(
+            "rstpm_queue_length",
+            "requests waiting for the inference worker",
+            ["run"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "rstpm_images_in_flight",
+            "images accepted and not yet answered (queued or in inference)",
+            ["run"],
+            registry=self.registry,
+        )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def batch_observer(self, run: str) -> BatchObserver:
+        """The callback a run's batcher reports each batch to."""
+        size, seconds = self.batch_size.labels(run), self.batch_seconds.labels(run)
+
+        def observe(n: int, elapsed: float) -> None:
+            size.observe(n)
+            seconds.observe(elapsed)
+
+        return observe
+
+    def watch(self, run: str, batcher: MicroBatcher) -> None:
+        """Queue length and images in flight of a run, read from its batcher at each scrape."""
+        self.queue_length.labels(run).set_function(lambda: batcher.queued)
+        self.in_flight.labels(run).set_function(lambda: batcher.in_flight)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
