@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 from rstpm.data.dataset import Batch, ImageDataset, collate_batch, load_all_images, make_loader
-from rstpm.data.images import IMAGE_EXTENSIONS, DataError, image_size, load_image, load_mask
+from rstpm.data.images import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    decode_image_bytes,
+    image_size,
+    load_image,
+    load_mask,
+    open_image,
+)
 from rstpm.data.layout import (
     Sample,
     is_mvtec_category,
@@ -492,3 +500,15 @@ def test_real_mvtec_bottle_layout() -> None:
     assert sample.mask_path is not None
     mask = load_mask(sample.mask_path, image_size(sample.path), image_path=sample.path)
     assert mask.shape == (900, 900) and mask.any()
+
+
+def test_only_png_jpeg_bmp_and_tiff_decoders_read_a_file(tmp_path: Path) -> None:
+    """A GIF (or an EPS, whose decoder runs Ghostscript) named .png is refused, not decoded."""
+    path = tmp_path / "disguised.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format="GIF")
+    with pytest.raises(DataError, match=r"disguised.png: not an image file rstpm decodes \(PNG"):
+        open_image(path)
+    with pytest.raises(DataError, match="not an image file rstpm decodes"):
+        decode_image_bytes(path.read_bytes())
+    Image.new("RGB", (8, 8)).save(path, format="PNG")
+    assert open_image(path).size == decode_image_bytes(path.read_bytes()).size == (8, 8)

@@ -13,6 +13,7 @@ before each read.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -24,6 +25,10 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 """File extensions treated as images (compared case-insensitively)."""
+
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+"""The only PIL decoders rstpm lets read a file or an upload (others, e.g. EPS, can call external
+programs)."""
 
 MAX_IMAGE_PIXELS = 100_000_000
 """Default largest image (width x height) rstpm decodes; larger files are refused, unread."""
@@ -39,6 +44,10 @@ class DataError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class ImageTooLarge(DataError):
+    """An image above :func:`max_image_pixels`, refused before decoding."""
 
 
 
@@ -104,7 +113,7 @@ def max_image_pixels() -> int:
 
 def _bomb_error(path: Path, what: str, size: str, pixels: int | None, limit: int) -> DataError:
     example = pixels if pixels is not None else 4 * limit
-    return DataError(
+    return ImageTooLarge(
         f"cannot read {what} {path}: {size}, more than rstpm's limit of {limit:,} pixels (a "
         "guard against decompression bombs); if the file is trusted, raise the limit with the "
         f"environment variable {MAX_PIXELS_ENV} (e.g. {MAX_PIXELS_ENV}={example}), or downscale "
@@ -114,7 +123,7 @@ def _bomb_error(path: Path, what: str, size: str, pixels: int | None, limit: int
 
 def _read_error(path: Path, exc: BaseException, what: str = "image") -> DataError:
     if isinstance(exc, UnidentifiedImageError):
-        reason = "not an image file PIL can decode (PNG, JPEG, BMP, TIFF)"
+        reason = f"not an image file rstpm decodes ({', '.join(IMAGE_FORMATS)})"
     else:
         reason = str(exc) or type(exc).__name__
     return DataError(f"cannot read {what} {path}: {reason}; re-export or remove the file")
@@ -124,18 +133,22 @@ def _open_guarded(path: Path, what: str, decode: bool) -> Image.Image:
     """Open an image after :func:`check_file`, refuse it above :func:`max_image_pixels` before
     decoding, and decode it fully when ``decode`` (first frame, detached from the file)."""
     check_file(path, what)
+    return _guarded(path, path, what, decode)
+
+
+def _guarded(source: Path | io.BytesIO, name: Path, what: str, decode: bool) -> Image.Image:
     limit = max_image_pixels()
     Image.MAX_IMAGE_PIXELS = limit  # PIL warns above it, raises above twice it
     try:
         with warnings.catch_warnings():
             # rstpm's own check below replaces PIL's warning with an error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source, formats=IMAGE_FORMATS) as img:
                 width, height = img.size
                 pixels = width * height
                 if pixels > limit:
                     size = f"it is {width}x{height} = {pixels:,} pixels"
-                    raise _bomb_error(path, what, size, pixels, limit)
+                    raise _bomb_error(name, what, size, pixels, limit)
                 if not decode:
                     return img
                 img.load()
@@ -146,9 +159,22 @@ def _open_guarded(path: Path, what: str, decode: bool) -> Image.Image:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = int(found.group(1)) if found else None
         size = f"it has {pixels:,} pixels" if pixels is not None else "it is too large"
-        raise _bomb_error(path, what, size, pixels, limit) from exc
+        raise _bomb_error(name, what, size, pixels, limit) from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise _read_error(path, exc, what) from exc
+        raise _read_error(name, exc, what) from exc
+
+
+def decode_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """An image held in memory (an upload), decoded exactly as :func:`open_image` decodes a
+    file; ``name`` stands for the file in error messages.
+
+    Raises:
+        DataError: empty, not an image, truncated or damaged; :class:`ImageTooLarge` above
+            :func:`max_image_pixels`.
+    """
+    if not data:
+        raise DataError(f"cannot read image {name}: it is empty (0 bytes); send the image's bytes")
+    return _guarded(io.BytesIO(data), Path(name), "image", decode=True)
 
 
 def open_image(path: Path, what: str = "image") -> Image.Image:

@@ -8,27 +8,24 @@ Images are decoded like ``rstpm predict`` decodes files (:func:`rstpm.data.image
 the first frame, fully loaded, in its own mode; colour conversion and resizing then happen in
 :class:`~rstpm.inference.detector.Detector` exactly as for a file. Only PNG, JPEG, BMP and TIFF
 are decoded, whatever the declared type: no other PIL decoder (some call external programs)
-ever sees a client's bytes. Images above
+ever sees a client's bytes (rstpm.data.images.IMAGE_FORMATS, as for files). Images above
 ``RSTPM_MAX_IMAGE_PIXELS`` are refused from their header, before decoding.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import AsyncGenerator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from rstpm.data.images import MAX_PIXELS_ENV, max_image_pixels
+from rstpm.data.images import DataError, ImageTooLarge, decode_image_bytes
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff")
 """Content types accepted as a raw image body (``multipart/form-data`` takes a ``file`` part)."""
 
-PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
-"""The only PIL decoders a client's bytes reach (JPEG's opens multi-picture JPEGs too)."""
 
 MULTIPART = "multipart/form-data"
 FILE_FIELD = "file"
@@ -124,7 +121,8 @@ async def multipart_file(headers: Headers, body: bytes) -> tuple[bytes, str | No
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """The image in ``data``, decoded as :func:`rstpm.data.images.open_image` decodes a file.
+    """The image in ``data``, decoded as ``rstpm predict`` decodes a file
+    (:func:`rstpm.data.images.decode_image_bytes`: PNG, JPEG, BMP or TIFF, first frame).
 
     Raises:
         UploadError: 400 empty, 413 over the pixel limit, 422 not an image of an accepted
@@ -132,32 +130,9 @@ def decode_image(data: bytes) -> Image.Image:
     """
     if not data:
         raise UploadError(400, "empty image (0 bytes): send the image's bytes")
-    limit = max_image_pixels()
-    Image.MAX_IMAGE_PIXELS = limit  # as open_image: PIL itself refuses above twice the limit
     try:
-        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
-            width, height = img.size
-            if width * height > limit:
-                raise _over_pixel_limit(f"{width}x{height} = {width * height:,} pixels", limit)
-            img.load()
-            return img.copy()
-    except UploadError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise _over_pixel_limit("too many pixels", limit) from error
-    except UnidentifiedImageError as error:
-        raise UploadError(
-            422, f"the body is not an image of an accepted format ({', '.join(PIL_FORMATS)})"
-        ) from error
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise UploadError(422, f"the image is truncated or damaged: {reason}") from error
-
-
-def _over_pixel_limit(size: str, limit: int) -> UploadError:
-    return UploadError(
-        413,
-        f"image of {size}, more than the server's limit of {limit:,} pixels ({MAX_PIXELS_ENV}); "
-        "downscale it",
-    )
-
+        return decode_image_bytes(data, name="in the request body")
+    except ImageTooLarge as error:
+        raise UploadError(413, str(error)) from error
+    except DataError as error:
+        raise UploadError(422, str(error)) from error
