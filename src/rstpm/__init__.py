@@ -3,9 +3,9 @@
 Reference implementation of Yamada, Kamiya, Hotta, arXiv 2210.07548. See README.md for the map
 from each equation of the paper to the module that implements it, and for the layers:
 
-    core -> config -> data -> metrics -> runs -> training -> inference -> evaluation -> cli
+    core -> config -> data -> metrics -> runs -> training -> inference -> evaluation -> serve -> cli
 
-each a sub-package (config and cli are modules) that imports only from the layers before it
+each a sub-package (config, hardware and cli are modules) that imports only from the layers before it
 (tests/test_layers.py keeps it so).
 """
 
