@@ -5,8 +5,8 @@ from each equation of the paper to the module that implements it, and for the la
 
     core -> config -> data -> metrics -> runs -> training -> inference -> evaluation -> serve -> cli
 
-each a sub-package (config, hardware and cli are modules) that imports only from the layers before it
-(tests/test_layers.py keeps it so).
+each a sub-package (config, hardware and cli are modules) that imports only from the layers
+before it (tests/test_layers.py keeps it so).
 """
 
 from rstpm._version import __version__
