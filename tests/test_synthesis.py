@@ -445,6 +445,24 @@ def test_anomaly_probability_extremes():
         PseudoAnomalySynthesizer(AnomalySource.procedural(), beta_max=2.0)
 
 
+def test_image_rotation_as_draem_about_30_percent_of_images_with_black_corners():
+    image = torch.full((3, 32, 32), 0.6)
+    source = AnomalySource.procedural()
+    rotating = PseudoAnomalySynthesizer(source, anomaly_probability=0.0, image_rotation=0.3)
+    g = gen(5)
+    corners = [rotating(image, g).image[:, [0, 0, -1, -1], [0, -1, 0, -1]] for _ in range(300)]
+    rotated = sum(bool((c < 0.3).any()) for c in corners)  # a black corner: rotated (|angle| > ~5)
+    # P(rotated with |angle| > 5 deg) = 0.3 * 85/90; Binomial(300, 0.283): sd ~ 7.8, +-3.5 sd.
+    assert 58 <= rotated <= 112
+    off = PseudoAnomalySynthesizer(source, image_rotation=0.0)  # draws nothing: the old stream
+    default = PseudoAnomalySynthesizer(source)
+    picture = torch.rand(3, 24, 24, generator=gen(0))
+    a, b = off(picture, gen(9)), default(picture, gen(9))
+    assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask)
+    with pytest.raises(ValueError, match="image_rotation"):
+        PseudoAnomalySynthesizer(source, image_rotation=1.5)
+
+
 def test_source_appears_inside_mask_only_without_augmentation(red_folder):
     synth = PseudoAnomalySynthesizer(
         AnomalySource.from_folder(red_folder), anomaly_probability=1.0, augment=False

@@ -21,6 +21,11 @@ from rstpm.core.attention import PLACEMENTS
 from rstpm.core.fusion import VARIANTS
 from rstpm.core.precision import REQUESTS
 
+BACKENDS = ("torch", "onnx", "openvino")
+"""``--backend`` choices (rstpm.inference.backends.BACKENDS, without importing torch here)."""
+GRAPH_BACKENDS = ("onnx", "openvino")
+"""The backends that run the exported graph (``--onnx FILE``)."""
+
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="lite")
@@ -113,6 +118,14 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="new pseudo-anomalies every N epochs (1: every epoch, exact)",
     )
     disc.add_argument(
+        "--disc-image-rotation",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that a normal image is rotated by up to +-90 degrees before its "
+        "pseudo-anomaly (DRAEM: 0.3)",
+    )
+    disc.add_argument(
         "--students-from",
         type=Path,
         help="reuse the students of a run with identical student settings (skip stage 1)",
@@ -156,18 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--json", action="store_true", help="print metrics.json to stdout")
     test.add_argument(
         "--backend",
-        choices=("torch", "onnx"),
+        choices=BACKENDS,
         default="torch",
-        help="onnx: ONNX Runtime on the graph of `rstpm export` (its one variant)",
+        help="onnx: ONNX Runtime, openvino: OpenVINO, on the graph of `rstpm export` (its one "
+        "variant)",
     )
     test.add_argument(
         "--precision",
         choices=REQUESTS,
-        help="torch backend: auto, fp32 or bf16 (default: the run's; auto is resolved on this "
-        "machine)",
+        help="torch and openvino backends: auto, fp32 or bf16 (default: the run's; auto is "
+        "resolved on this machine)",
     )
     test.add_argument(
-        "--onnx", type=Path, help="graph for --backend onnx (default RUN/export/model-VARIANT.onnx)"
+        "--onnx",
+        type=Path,
+        help="graph for --backend onnx|openvino (default RUN/export/model-VARIANT.onnx)",
     )
 
     predict = sub.add_parser(
@@ -178,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--save-dir", type=Path, help="write <name>_overlay.png, <name>_mask.png")
     predict.add_argument("--variant", choices=VARIANTS, help="default: full, or st")
     predict.add_argument("--batch-size", type=int, default=16)
-    predict.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    predict.add_argument("--onnx", type=Path, help="graph for --backend onnx")
-    predict.add_argument("--precision", choices=REQUESTS)
+    predict.add_argument("--backend", choices=BACKENDS, default="torch")
+    predict.add_argument("--onnx", type=Path, help="graph for --backend onnx|openvino")
+    predict.add_argument("--precision", choices=REQUESTS, help="torch and openvino backends")
     predict.add_argument("--quiet", action="store_true", help="no summary on stderr")
     predict.add_argument(
         "--json", action="store_true", help="(default) one JSON line per image on stdout"
@@ -254,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key", help="require Authorization: Bearer KEY (default: $RSTPM_API_KEY)"
     )
-    serve.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    serve.add_argument("--backend", choices=BACKENDS, default="torch")
 
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
     demo.add_argument("--out", type=Path, help="folder for the data and the run (default: temp)")
@@ -293,6 +309,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         disc_resolution=args.disc_resolution,
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None,
         disc_pool_refresh=args.disc_pool_refresh,
+        disc_image_rotation=args.disc_image_rotation,
     )
 
 
@@ -375,11 +392,15 @@ def cmd_fit(args: argparse.Namespace) -> None:
         print("; ".join(parts))
 
 
+def _check_graph_option(args: argparse.Namespace) -> None:
+    if args.onnx is not None and args.backend not in GRAPH_BACKENDS:
+        raise ValueError("--onnx FILE is used with --backend onnx or --backend openvino only")
+
+
 def cmd_test(args: argparse.Namespace) -> None:
     from rstpm.evaluation.evaluate import test
 
-    if args.onnx is not None and args.backend != "onnx":
-        raise ValueError("--onnx FILE is used with --backend onnx only")
+    _check_graph_option(args)
     result = test(
         args.run,
         args.data,
@@ -402,8 +423,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rstpm.inference.detector import Detector
     from rstpm.inference.predict import expand_inputs, predict_paths
 
-    if args.onnx is not None and args.backend != "onnx":
-        raise ValueError("--onnx FILE is used with --backend onnx only")
+    _check_graph_option(args)
     paths = expand_inputs(args.paths)
     detector = Detector.load(args.run, args.variant, args.backend, args.precision, args.onnx)
     if detector.thresholds is None and not args.quiet:

@@ -53,6 +53,7 @@ class Config:
     disc_base_width: int = 64  # DRAEM's widths 64..512
     anomaly_source: str | None = None  # folder of texture images (DTD); None: procedural
     disc_pool_refresh: int = 1  # new pseudo-anomalies every N epochs (1: every epoch, exact)
+    disc_image_rotation: float = 0.0  # P(rotate a normal image +-90 deg first); DRAEM: 0.3
     teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
     # Thresholds calibrated at the end of fit on the held-out normals (training/calibrate.py);
     # editable afterwards with `rstpm threshold`
@@ -83,6 +84,8 @@ class Config:
             raise ValueError(f"--precision must be one of {', '.join(REQUESTS)}")
         if self.disc_resolution not in DISC_RESOLUTIONS:
             raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
+        if not 0.0 <= self.disc_image_rotation <= 1.0:
+            raise ValueError("--disc-image-rotation must lie in [0, 1]")
         if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:
             raise ValueError("--disc-epochs >= 0, --disc-batch-size and --disc-pool-refresh >= 1")
         for name in ("false_alarm_rate", "pixel_false_alarm_rate"):

@@ -387,10 +387,10 @@ def _equalize(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return tvf.equalize(img)
 
 
-def _rotate(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    # imgaug Affine(rotate=(-45, 45)) defaults: order=1 (bilinear), constant mode, cval=0 (black),
+def _rotate(img: torch.Tensor, g: torch.Generator, degrees: float = 45.0) -> torch.Tensor:
+    # imgaug Affine(rotate=(-d, d)) defaults: order=1 (bilinear), constant mode, cval=0 (black),
     # same size (fit_output=False).
-    angle = _uniform(g, -45.0, 45.0)
+    angle = _uniform(g, -degrees, degrees)
     return tvf.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
 
 
@@ -748,6 +748,10 @@ class PseudoAnomalySynthesizer:
         beta_max: largest ``beta`` (0.8 in DRAEM).
         max_scale_exp: largest Perlin scale exponent (5 in DRAEM).
         augment: apply :func:`augment_source` to the source (True in DRAEM; False for tests).
+        image_rotation: probability that the normal image itself is first rotated by an angle
+            uniform in [-90, 90] degrees (bilinear, black corners), before the pseudo-anomaly;
+            DRAEM's training loader does so with probability 0.3 (``Affine(rotate=(-90, 90))``
+            when ``rand > 0.7``). 0 draws nothing (the random stream of earlier versions).
     """
 
     def __init__(
@@ -757,6 +761,7 @@ class PseudoAnomalySynthesizer:
         beta_max: float = 0.8,
         max_scale_exp: int = 5,
         augment: bool = True,
+        image_rotation: float = 0.0,
     ) -> None:
         if not 0.0 <= anomaly_probability <= 1.0:
             raise ValueError(f"anomaly_probability must be in [0, 1], got {anomaly_probability}")
@@ -767,6 +772,9 @@ class PseudoAnomalySynthesizer:
         self.beta_max = float(beta_max)
         self.max_scale_exp = int(max_scale_exp)
         self.augment = bool(augment)
+        if not 0.0 <= image_rotation <= 1.0:
+            raise ValueError(f"image_rotation must be in [0, 1], got {image_rotation}")
+        self.image_rotation = float(image_rotation)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> PseudoAnomaly:
         """Make one training sample from a normal ``(3, H, W)`` image in ``[0, 1]``.
@@ -777,6 +785,10 @@ class PseudoAnomalySynthesizer:
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
         size = (int(image.shape[1]), int(image.shape[2]))
+        if self.image_rotation and float(torch.rand((), generator=generator)) < self.image_rotation:
+            image = _rotate(image.detach().to("cpu", torch.float32), generator, 90.0).to(
+                image.device, image.dtype
+            )
         if float(torch.rand((), generator=generator)) >= self.anomaly_probability:
             mask = torch.zeros(size, dtype=image.dtype, device=image.device)
             return PseudoAnomaly(image=image.clone(), mask=mask, beta=None)

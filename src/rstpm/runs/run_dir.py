@@ -135,6 +135,7 @@ def read_config(run_dir: Path) -> Config:
     stored = read_json(Path(run_dir) / CONFIG_FILE)
     stored.setdefault("disc_epochs", 0)  # runs from before the discriminative stage existed
     stored.setdefault("calibration_fraction", 0.0)  # before it: the same images chose and set
+    stored.setdefault("disc_image_rotation", 0.0)  # before it: no rotation
     return Config.from_dict(stored)
 
 

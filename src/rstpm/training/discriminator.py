@@ -90,7 +90,9 @@ class DiscriminatorStage:
         self.model, self.config, self.train_images = model, config, train_images
         self.discriminator = model.discriminator
         self.epochs = config.disc_epochs
-        self.synthesizer = PseudoAnomalySynthesizer(anomaly_source(config))
+        self.synthesizer = PseudoAnomalySynthesizer(
+            anomaly_source(config), image_rotation=config.disc_image_rotation
+        )
         started = time.perf_counter()
         if fit_normalizer:  # a resumed stage has the fitted normaliser in its checkpoint
             self.discriminator.normalizer.fit(
