@@ -12,15 +12,18 @@ Measures, on MVTec AD bottle when ../shared/data is present (else on generated d
   the U-Net at a quarter of the input size, bf16 + channels-last, the pool refreshed every K
   epochs;
 * inference (images/s, batch 1 and 16) of the full map (Eq. 7): torch fp32 (naive), torch
-  bf16 + channels-last, and
-  ONNX Runtime (fp32) when onnx/onnxruntime are installed; with the FLOPs of one image counted
-  by torch's FlopCounterMode and the achieved fraction of the fp32 matmul peak;
+  bf16 + channels-last, ONNX Runtime (fp32) when onnx/onnxruntime are installed, and OpenVINO
+  (f32 and bf16, each with the LATENCY and the THROUGHPUT performance hint) when onnx/openvino
+  are installed, all on the same exported graph, with ratios against torch fp32 at the same
+  batch; with the FLOPs of one image counted by torch's FlopCounterMode and the achieved
+  fraction of the fp32 (bf16) matmul peak;
 * the peak resident memory of each phase above the process's memory before it.
 
 Epoch times are medians of a few measured steps, times the number of steps of an epoch.
 Students start random (speed does not depend on training); teachers are the real Lite weights.
 
-    python benchmarks/speed.py [--repeats 3] [--pool-refresh 5] [--threads N]
+    python benchmarks/speed.py [--repeats 3] [--pool-refresh 5] [--threads N] [--image-size S]
+                               [--no-onnx] [--no-openvino] [--inference-only] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import platform
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,30 +179,11 @@ def unet_step(config: Config, batch: int, precision: str, channels_last: bool) -
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="rstpm speed benchmark (not a test)")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pool-refresh", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--no-onnx", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    size, repeats = args.image_size, args.repeats
-
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
-    images, source = images_for_benchmark(size)
-    print(f"data: {source}, {size}x{size}, preset lite, median of {repeats} steps\n")
-
-    config = Config(preset="lite", image_size=size, disc_epochs=1)
-    torch.manual_seed(0)
-    model, _ = build_model(config)
-
+def training_epochs(
+    model: RSTPM, images: torch.Tensor, config: Config, repeats: int, pool_refresh: int
+) -> None:
+    """Print the student and the discriminative epochs' times, naive against optimised."""
+    size = config.image_size
     # --- stage 1: students ------------------------------------------------------------------
     steps = math.ceil(N_TRAIN / 32)
     rows = []
@@ -236,7 +221,7 @@ def main() -> None:
     naive = measured["full fp32"][0] + measured["full fp32"][1]
     exact = measured["quarter fp32"][0] + measured["quarter fp32"][1]
     pool, unet, _ = measured["quarter bf16"]
-    optimised = pool / args.pool_refresh + unet
+    optimised = pool / pool_refresh + unet
     print(f"discriminative epoch ({N_TRAIN} images, batch 16, {steps} steps):")
     print(
         f"  naive: fresh pool fp32 {measured['full fp32'][0]:.1f} s + U-Net at {size}px fp32 "
@@ -249,11 +234,51 @@ def main() -> None:
         f"x{naive / exact:.1f}  (U-Net peak +{measured['quarter fp32'][2]:.0f} MiB)"
     )
     print(
-        f"  optimised: pool bf16 + CL {pool:.1f} s / refresh {args.pool_refresh} + U-Net at "
+        f"  optimised: pool bf16 + CL {pool:.1f} s / refresh {pool_refresh} + U-Net at "
         f"{size // 4}px bf16 + CL {unet:.1f} s = {optimised:.1f} s  x{naive / optimised:.1f}  "
         f"(x{exact / optimised:.1f} vs default; U-Net peak "
         f"+{measured['quarter bf16'][2]:.0f} MiB)\n"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="rstpm speed benchmark (not a test)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pool-refresh", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-onnx", action="store_true", help="no ONNX Runtime rows")
+    parser.add_argument("--no-openvino", action="store_true", help="no OpenVINO rows")
+    parser.add_argument(
+        "--inference-only", action="store_true", help="skip the student and U-Net epochs"
+    )
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="no torch bf16 matmul peak or inference rows (a CPU without native bf16 emulates "
+        "them, ~50x slower than fp32); OpenVINO's bf16 rows stay",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    size, repeats = args.image_size, args.repeats
+
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    peak32 = matmul_peak(torch.float32)
+    peak16 = None if args.no_bf16 else matmul_peak(torch.bfloat16)
+    bf16_peak = "not measured (--no-bf16)" if peak16 is None else f"{peak16:.0f} GFLOP/s"
+    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {bf16_peak}")
+    images, source = images_for_benchmark(size)
+    print(f"data: {source}, {size}x{size}, preset lite, median of {repeats} steps\n")
+
+    config = Config(preset="lite", image_size=size, disc_epochs=1)
+    torch.manual_seed(0)
+    model, _ = build_model(config)
+
+    if not args.inference_only:
+        training_epochs(model, images, config, repeats, args.pool_refresh)
 
     # --- inference ------------------------------------------------------------------------------
     model.eval()
@@ -269,6 +294,8 @@ def main() -> None:
         ("torch fp32 + CL", "fp32", True),
         ("torch bf16 + CL", "bf16", True),
     ):
+        if precision == "bf16" and args.no_bf16:
+            continue
         model.set_precision(precision).set_channels_last(cl)
         for batch in (1, 16):
             x = images[:batch]
@@ -278,31 +305,87 @@ def main() -> None:
                 )
             results[(name, batch)] = (batch / seconds, memory.mib)
     model.set_precision("fp32").set_channels_last(False)
-    if not args.no_onnx:
-        try:
-            from rstpm.inference.export import AnomalyMapGraph, _trace_to_onnx
-            from rstpm.inference.onnx_runtime import open_session
+    kinds = {}  # the precision each row really ran at
+    if not (args.no_onnx and args.no_openvino):
+        from rstpm.inference.export import AnomalyMapGraph, _trace_to_onnx
 
-            onnx_bytes = _trace_to_onnx(
-                AnomalyMapGraph(model, "full", config.smoothing_sigma), size, 17
-            )
-            session = open_session(onnx_bytes, torch.get_num_threads())
-            for batch in (1, 16):
-                x = images[:batch].numpy()
-                with PeakMemory() as memory:
-                    seconds = median_time(lambda x=x: session.run(None, {"image": x}), repeats)
-                results[("onnxruntime fp32", batch)] = (batch / seconds, memory.mib)
-        except ImportError as error:
-            print(f"  (ONNX Runtime skipped: {error})")
+        graph = AnomalyMapGraph(model, "full", config.smoothing_sigma)
+        onnx_bytes = _trace_to_onnx(graph, size, 17)
+        if not args.no_onnx:
+            results |= onnxruntime_rows(onnx_bytes, images, repeats)
+        if not args.no_openvino:
+            rows, kinds = openvino_rows(onnx_bytes, images, size, repeats)
+            results |= rows
     base = {b: results[("torch fp32", b)][0] for b in (1, 16)}
     for (name, batch), (per_second, mib) in results.items():
-        kind, peak = ("bf16", peak16) if "bf16" in name else ("fp32", peak32)
-        achieved = gflop * per_second / peak
+        kind = kinds.get(name, "bf16" if "bf16" in name else "fp32")
+        peak = peak16 if kind == "bf16" else peak32
+        achieved = "   n/a" if peak is None else f"{gflop * per_second / peak:6.1%}"
         print(
-            f"  {name:<18} batch {batch:>2}: {per_second:6.2f} images/s  "
-            f"x{per_second / base[batch]:4.1f}  {achieved:6.1%} of the {kind} matmul peak  "
+            f"  {name:<26} batch {batch:>2}: {per_second:6.2f} images/s  "
+            f"x{per_second / base[batch]:4.1f}  {achieved} of the {kind} matmul peak  "
             f"peak +{mib:5.0f} MiB"
         )
+    for name in [n for n, kind in kinds.items() if "bf16" in n and kind != "bf16"]:
+        print(f"  ({name}: this CPU has no native bf16, OpenVINO's CPU plugin ran f32)")
+    for hint in ("latency", "throughput"):
+        key = (f"openvino bf16 {hint}", 16)
+        if key in results and ("torch bf16 + CL", 16) in results:
+            ratio = results[key][0] / results[("torch bf16 + CL", 16)][0]
+            print(f"  openvino bf16 {hint} / torch bf16 + CL at batch 16: x{ratio:.2f}")
+
+
+def onnxruntime_rows(
+    onnx_bytes: bytes, images: torch.Tensor, repeats: int
+) -> dict[tuple[str, int], tuple[float, float]]:
+    """ONNX Runtime (fp32) on the traced graph: images/s and peak memory at batch 1 and 16."""
+    from rstpm.inference.onnx_runtime import ExportError, open_session
+
+    try:
+        session = open_session(onnx_bytes, torch.get_num_threads())
+    except ExportError as error:
+        print(f"  (ONNX Runtime skipped: {error})")
+        return {}
+    rows = {}
+    for batch in (1, 16):
+        x = images[:batch].numpy()
+        with PeakMemory() as memory:
+            seconds = median_time(lambda x=x: session.run(None, {"image": x}), repeats)
+        rows[("onnxruntime fp32", batch)] = (batch / seconds, memory.mib)
+    return rows
+
+
+def openvino_rows(
+    onnx_bytes: bytes, images: torch.Tensor, size: int, repeats: int
+) -> tuple[dict[tuple[str, int], tuple[float, float]], dict[str, str]]:
+    """OpenVINO (rstpm's backend, OpenVinoMaps) on the same graph: f32 and bf16, LATENCY and
+    THROUGHPUT, batch 1 and 16; and the precision each compiled model really runs at."""
+    from rstpm.inference.export import _finish
+    from rstpm.inference.onnx_runtime import META_IMAGE_SIZE, META_VARIANT, ExportError
+    from rstpm.inference.openvino_runtime import PERFORMANCE_HINTS, OpenVinoMaps
+
+    metadata = {META_VARIANT: "full", META_IMAGE_SIZE: str(size)}
+    rows, kinds = {}, {}
+    with tempfile.TemporaryDirectory(prefix="rstpm-speed-") as folder:
+        path = Path(folder) / "model-full.onnx"
+        try:
+            path.write_bytes(_finish(onnx_bytes, metadata, size))
+            for precision in ("fp32", "bf16"):
+                for hint in PERFORMANCE_HINTS:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # a bf16 fallback is reported below
+                        maps = OpenVinoMaps(path, precision, hint, torch.get_num_threads())
+                    name = f"openvino {precision} {hint.lower()}"
+                    kinds[name] = maps.precision
+                    for batch in (1, 16):
+                        x = images[:batch].numpy()
+                        with PeakMemory() as memory:
+                            seconds = median_time(lambda x=x, m=maps: m.predict(x), repeats)
+                        rows[(name, batch)] = (batch / seconds, memory.mib)
+                    del maps
+        except ExportError as error:
+            print(f"  (OpenVINO skipped: {error})")
+    return rows, kinds
 
 
 if __name__ == "__main__":

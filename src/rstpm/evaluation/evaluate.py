@@ -61,8 +61,10 @@ def test_variants(
     writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff``, ``<out>/metrics.json`` and
     ``<out>/report.html`` (rstpm.evaluation.report, with the run's thresholds when it has some).
 
-    ``backend``: ``torch`` (the run's model) or ``onnx`` (ONNX Runtime on the graph of
-    ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant)."""
+    ``backend``: ``torch`` (the run's model), ``onnx`` (ONNX Runtime on the graph of
+    ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant) or
+    ``openvino`` (OpenVINO on that graph). ``precision`` (torch, openvino) defaults to the run's;
+    metrics.json records the backend and the precision it ran at."""
     run_dir = Path(run_dir)
     opened = open_backend(run_dir, variants, backend, precision, onnx_path)
     variants, config = opened.variants, opened.config

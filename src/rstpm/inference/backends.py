@@ -4,9 +4,10 @@ A backend is a callable ``(B, 3, S, S) batch in [0, 1] -> {variant: (B, S, S) ma
 variant's fused, smoothed map at the network's input size S. Backends:
 
 * ``torch``: the run's model; every requested variant from ONE forward pass;
-* ``onnx``: ONNX Runtime on the graph of ``rstpm export`` (one variant per graph).
+* ``onnx``: ONNX Runtime on the graph of ``rstpm export`` (one variant per graph);
+* ``openvino``: OpenVINO's CPU plugin on the same graph (openvino_runtime.py).
 
-The next backends (OpenVINO) plug in here, in :func:`open_backend`.
+The next backends plug in here, in :func:`open_backend`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from rstpm.config import Config
 from rstpm.core.fusion import check_variant
 from rstpm.core.model import RSTPM
 from rstpm.inference.onnx_runtime import onnx_backend
+from rstpm.inference.openvino_runtime import openvino_backend
 from rstpm.runs.run_dir import load_run, read_config
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino")
 
 BatchMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """A map backend: a (B, 3, S, S) batch in [0, 1] -> {variant: (B, S, S) fused, smoothed map}."""
@@ -57,11 +59,14 @@ def open_backend(
     backend: str = "torch",
     precision: str | None = None,
     onnx_path: Path | None = None,
+    performance_hint: str | None = None,
 ) -> Backend:
     """Open ``backend`` on a run for ``variants`` (None: the run's default variant).
 
-    ``precision`` (torch: fp32 or bf16) defaults to the run's; ``onnx_path`` (onnx) defaults to
-    ``RUN_DIR/export/model-<variant>.onnx``.
+    ``precision`` (torch and openvino: auto, fp32 or bf16; auto is resolved on this machine)
+    defaults to the run's; ``onnx_path`` (onnx, openvino) defaults to
+    ``RUN_DIR/export/model-<variant>.onnx``; ``performance_hint`` (openvino: LATENCY or
+    THROUGHPUT) to openvino_runtime.DEFAULT_PERFORMANCE_HINT.
 
     Raises:
         ValueError: an unknown backend or variant; RunError / ExportError: an unusable run or
@@ -77,4 +82,8 @@ def open_backend(
         config = read_config(run_dir)
         graph = onnx_backend(run_dir, config, variants, onnx_path)
         return Backend(graph, config, [graph.variant for _ in variants], "fp32")
+    if backend == "openvino":
+        config = read_config(run_dir)
+        graph = openvino_backend(run_dir, config, variants, onnx_path, precision, performance_hint)
+        return Backend(graph, config, [graph.variant for _ in variants], graph.precision)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

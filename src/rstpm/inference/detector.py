@@ -118,7 +118,8 @@ def to_network_input(
 
 
 class Detector:
-    """A trained run ready for inference (torch or ONNX Runtime), with its thresholds."""
+    """A trained run ready for inference (torch, ONNX Runtime or OpenVINO), with its
+    thresholds."""
 
     def __init__(
         self,
@@ -142,14 +143,16 @@ class Detector:
         backend: str = "torch",
         precision: str | None = None,
         onnx_path: str | Path | None = None,
+        performance_hint: str | None = None,
     ) -> Detector:
         """Load a finished run. ``variant``: stpm | st | disc | full (default: full, or st
-        without discriminative network). ``backend``: torch, or onnx (the graph of
-        ``rstpm export``)."""
+        without discriminative network). ``backend``: torch, onnx (ONNX Runtime on the graph of
+        ``rstpm export``) or openvino (OpenVINO on that graph). ``precision`` (torch, openvino):
+        auto, fp32 or bf16, default the run's; ``performance_hint`` (openvino): LATENCY or
+        THROUGHPUT."""
         run_dir = Path(run_dir)
-        opened = open_backend(
-            run_dir, [variant], backend, precision, Path(onnx_path) if onnx_path else None
-        )
+        onnx_path = Path(onnx_path) if onnx_path else None
+        opened = open_backend(run_dir, [variant], backend, precision, onnx_path, performance_hint)
         variant = opened.variants[0]
         thresholds = load_thresholds(run_dir).get(variant)
         return cls(run_dir, opened.config, variant, opened.batch_maps, thresholds)

@@ -1,6 +1,10 @@
 """The ONNX Runtime backend: the maps of a graph written by ``rstpm export`` (export.py), checked
 against the run it belongs to (variant, image size, weights).
 
+:class:`GraphMaps` is what every runtime of an exported graph shares (the rstpm metadata, the
+input check, the backend's call); :class:`OnnxMaps` runs it with ONNX Runtime, and
+openvino_runtime.py with OpenVINO. :func:`onnx_backend` opens either one on a run.
+
 ``onnxruntime`` is an optional dependency (``pip install 'rstpm[onnx]'``), imported only when a
 session is opened.
 """
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,7 +31,7 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "score")
 INSTALL_HINT = "install the ONNX extra with `pip install 'rstpm[onnx]'` (onnx, onnxruntime)"
 
-# Keys of the graph's metadata_props, read back by OnnxMaps.
+# Keys of the graph's metadata_props, read back by GraphMaps.
 META_VARIANT = "rstpm_variant"
 META_IMAGE_SIZE = "rstpm_image_size"
 META_SIGMA = "rstpm_smoothing_sigma"
@@ -39,12 +43,12 @@ class ExportError(RuntimeError):
     """An export failed or does not match torch, or an exported file is missing or unfit."""
 
 
-def require_module(module: str) -> ModuleType:
-    """Import an optional dependency, or fail with how to install it."""
+def require_module(module: str, hint: str = INSTALL_HINT) -> ModuleType:
+    """Import an optional dependency, or fail with ``hint``: how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ExportError(f"{module} is not installed: {INSTALL_HINT}") from error
+        raise ExportError(f"{module} is not installed: {hint}") from error
 
 
 def default_onnx_path(run_dir: Path, variant: str) -> Path:
@@ -72,32 +76,39 @@ def open_session(source: bytes | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-class OnnxMaps:
-    """The ONNX Runtime backend of ``evaluate.predict_maps``: an exported graph's maps.
+def unreadable_graph(path: Path, error: Exception) -> ExportError:
+    """The one-line error of a graph file a runtime could not open."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ExportError(f"{path} is not a readable ONNX graph ({first}); re-run `rstpm export`")
+
+
+def existing_graph(path: Path) -> Path:
+    """``path`` when it is a file, else the one-line error saying how to make it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist: export the run with `rstpm export`")
+    return path
+
+
+class GraphMaps:
+    """A map backend on an exported graph, whatever runs it: a subclass opens the graph with its
+    runtime, passes the graph's metadata_props here and implements :meth:`run`.
 
     Called with a (B, 3, S, S) batch in [0, 1], returns ``{variant: (B, S, S) map}`` for the one
     variant the graph holds.
     """
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise ExportError(f"{path} does not exist: export the run with `rstpm export`")
-        require_module("onnxruntime")
-        try:
-            self.session = open_session(path, threads)
-        except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ExportError(
-                f"{path} is not a readable ONNX graph ({first}); re-run `rstpm export`"
-            ) from error
-        metadata = self.session.get_modelmeta().custom_metadata_map
+    def __init__(self, path: Path, metadata: Mapping[str, str]) -> None:
         if META_VARIANT not in metadata or META_IMAGE_SIZE not in metadata:
             raise ExportError(f"{path} was not written by `rstpm export` (no rstpm metadata)")
-        self.path = path
+        self.path = Path(path)
         self.variant: str = metadata[META_VARIANT]
         self.image_size = int(metadata[META_IMAGE_SIZE])
         self.weights_sha256: str | None = metadata.get(META_WEIGHTS)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's outputs (maps, scores) of a checked, contiguous float32 batch."""
+        raise NotImplementedError
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, S, S) float32 in [0, 1] -> the (B, S, S) maps and (B,) scores."""
@@ -106,13 +117,28 @@ class OnnxMaps:
                 f"{self.path} takes (B, 3, {self.image_size}, {self.image_size}) images, "
                 f"got {tuple(images.shape)}"
             )
-        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)}
-        anomaly_map, score = self.session.run(list(OUTPUT_NAMES), feed)
-        return anomaly_map, score
+        return self.run(np.ascontiguousarray(images, dtype=np.float32))
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         anomaly_map, _ = self.predict(image.detach().cpu().numpy())
         return {self.variant: torch.from_numpy(anomaly_map)}
+
+
+class OnnxMaps(GraphMaps):
+    """The ONNX Runtime backend of ``evaluate.predict_maps``: an exported graph's maps."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        path = existing_graph(path)
+        require_module("onnxruntime")
+        try:
+            self.session = open_session(path, threads)
+        except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
+            raise unreadable_graph(path, error) from error
+        super().__init__(path, self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        anomaly_map, score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return anomaly_map, score
 
 
 def onnx_backend(
@@ -120,8 +146,10 @@ def onnx_backend(
     config: Config,
     variants: Sequence[str | None],
     onnx_path: Path | None = None,
-) -> OnnxMaps:
-    """The ONNX backend of a run for ``rstpm test --backend onnx``.
+    open_graph: Callable[[Path], GraphMaps] = OnnxMaps,
+) -> GraphMaps:
+    """The backend of a run's exported graph for ``rstpm test --backend onnx`` (``open_graph``:
+    the runtime that opens it; ONNX Runtime by default).
 
     ``variants`` (None = default) must all be the one variant of the graph: ``onnx_path``'s, or,
     without it, that of ``RUN_DIR/export/model-<variant>.onnx``. The graph must have been
@@ -135,7 +163,7 @@ def onnx_backend(
         wanted = sorted({v or config.default_variant for v in variants})
         if len(wanted) != 1:
             raise ValueError(
-                f"the onnx backend runs one exported variant at a time, asked for {wanted}"
+                f"a graph backend runs one exported variant at a time, asked for {wanted}"
             )
         onnx_path = default_onnx_path(run_dir, wanted[0])
         if not onnx_path.is_file():
@@ -143,7 +171,7 @@ def onnx_backend(
                 f"{onnx_path} does not exist: export it first with "
                 f"`rstpm export --run {run_dir} --variant {wanted[0]}`"
             )
-    maps = OnnxMaps(onnx_path)
+    maps = open_graph(onnx_path)
     for variant in variants:
         if variant is not None and variant != maps.variant:
             raise ValueError(
