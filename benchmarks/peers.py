@@ -27,13 +27,16 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling timing.py
+from timing import images_per_second  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -352,20 +355,6 @@ def overall(metrics: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # rstpm
 # --------------------------------------------------------------------------------------------
-
-
-def images_per_second(step: Callable[[], int], calls: int = 3, seconds: float = 1.0) -> float:
-    """Warm-up (two calls; one when ``calls`` is 1), then at least ``calls`` calls and
-    ``seconds`` seconds; images/s."""
-    for _ in range(2 if calls > 1 else 1):
-        step()
-    images, n, started = 0, 0, time.perf_counter()
-    while True:
-        images += step()
-        n += 1
-        elapsed = time.perf_counter() - started
-        if n >= calls and elapsed >= seconds:
-            return images / elapsed
 
 
 def rstpm_speed(run_dir: Path, test: TestSet, calls: int = 3) -> dict[str, float]:

@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling timing.py
+from timing import images_per_second  # noqa: E402
+
 LITE0 = "tf_efficientnet_lite0"
 
 
@@ -300,20 +303,6 @@ def test_maps(module: Any, paths: Sequence[str], batch: int = 16) -> tuple[np.nd
         maps.append(m.numpy())
         scores.append(s.numpy())
     return np.concatenate(maps).astype(np.float32), np.concatenate(scores).astype(np.float32)
-
-
-def images_per_second(step: Callable[[], int], calls: int = 3, seconds: float = 1.0) -> float:
-    """Warm-up (two calls; one when ``calls`` is 1), then at least ``calls`` calls and
-    ``seconds`` seconds; images/s."""
-    for _ in range(2 if calls > 1 else 1):
-        step()
-    images, n, started = 0, 0, time.perf_counter()
-    while True:
-        images += step()
-        n += 1
-        elapsed = time.perf_counter() - started
-        if n >= calls and elapsed >= seconds:
-            return images / elapsed
 
 
 @torch.inference_mode()
