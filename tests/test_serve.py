@@ -600,6 +600,19 @@ def test_serve_refuses_a_missing_run_in_one_line(
     assert err.count("\n") == 1
 
 
+def test_serve_refuses_a_port_in_use_in_one_line(
+    run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--run", str(run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rstpm serve: error: cannot listen on 127.0.0.1:{port}:")
+    assert "--port" in err and err.count("\n") == 1
+
+
 def test_serve_without_the_extra_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -44,13 +44,43 @@ def run_server(
     warning = exposure_warning(host, settings.api_key)
     if warning:
         print(warning, file=sys.stderr)
-    app = create_app(load_runs(specs, backend), settings)
+    sock = listening_socket(host, port)  # a port in use fails before the runs are loaded
+    try:
+        app = create_app(load_runs(specs, backend), settings)
+    except BaseException:
+        sock.close()
+        raise
     config = uvicorn.Config(
         app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SECONDS, log_level="info"
     )
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (uvicorn listens on it).
+
+    Raises:
+        ValueError: one line when the address cannot be bound (in use, not this machine's).
+    """
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = info[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error}; check --host") from error
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        reason = error.strerror or str(error)
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {reason}; choose another --port or stop the "
+            "process that holds it"
+        ) from error
+    return sock
 
 
 @dataclass
