@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rstpm.data.images import IMAGE_EXTENSIONS, DataError, load_image
 from rstpm.data.layout import list_images
@@ -74,19 +75,32 @@ def output_stems(paths: Sequence[Path], save_dir: Path) -> list[Path]:
     return stems
 
 
+def colour_scale(prediction: Prediction) -> tuple[np.ndarray, float, float, float | None]:
+    """The values an overlay colours, their range and the contour level: the normalised map on
+    [0, 1] with its contour at 0.5 (the pixel threshold); without thresholds, the raw map on its
+    own range and no contour."""
+    if prediction.normalised_map is not None:
+        return prediction.normalised_map, 0.0, 1.0, 0.5
+    values = prediction.anomaly_map
+    return values, float(values.min()), float(values.max()) + 1e-12, None
+
+
+def overlay_image(image: torch.Tensor, prediction: Prediction) -> np.ndarray:
+    """(H, W, 3) uint8: the (3, H, W) [0, 1] image blended with its coloured map and the contour
+    of the thresholded region."""
+    rgb = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    values, vmin, vmax, threshold = colour_scale(prediction)
+    return render_overlay(rgb, values, vmin, vmax, threshold)
+
+
 def save_outputs(prediction: Prediction, stem: Path) -> dict[str, str]:
     """Overlay PNG (image, heatmap, contour of the thresholded region) and binary mask PNG."""
     image = load_image(Path(prediction.path))  # own size, RGB [0, 1]
-    rgb = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-    if prediction.normalised_map is not None:
-        values, vmin, vmax, threshold = prediction.normalised_map, 0.0, 1.0, 0.5
-    else:  # no thresholds: colour by the map's own range, no contour
-        values = prediction.anomaly_map
-        vmin, vmax, threshold = float(values.min()), float(values.max()) + 1e-12, None
     written = {}
     overlay = stem.parent / f"{stem.name}_overlay.png"
-    save_png(overlay, render_overlay(rgb, values, vmin, vmax, threshold))
+    save_png(overlay, overlay_image(image, prediction))
     written["overlay"] = str(overlay)
+    values, _, _, threshold = colour_scale(prediction)
     if threshold is not None:
         mask = stem.parent / f"{stem.name}_mask.png"
         save_png(mask, binary_mask(values, threshold))
