@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from rstpm.data.images import image_size, load_mask
 from rstpm.data.layout import GOOD, list_test_samples
 from rstpm.evaluation.evaluate import write_tiff
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "border_maxima.py"
-_spec = importlib.util.spec_from_file_location("border_maxima", _SCRIPT)
-assert _spec is not None and _spec.loader is not None
-bm = importlib.util.module_from_spec(_spec)
-sys.modules["border_maxima"] = bm
-_spec.loader.exec_module(bm)
+bm = load_benchmark("border_maxima")
 
 
 def _peak(shape: tuple[int, int], row: int, col: int) -> np.ndarray:

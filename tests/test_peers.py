@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,13 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
-_spec = importlib.util.spec_from_file_location("peers", _SCRIPT)
-assert _spec is not None and _spec.loader is not None
-peers = importlib.util.module_from_spec(_spec)
-sys.modules["peers"] = peers
-_spec.loader.exec_module(peers)
+peers = load_benchmark("peers")
 
 
 @pytest.mark.parametrize(
