@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rstpm.training",),  # fit / resume on one stage loop
     ("rstpm.inference",),  # backends, Detector, predict, export
     ("rstpm.evaluation",),  # rstpm test, reports, recalibration, bench
-    ("rstpm.serve",),  # rstpm serve: the HTTP service on the inference API
+    ("rstpm.serve", "rstpm.cluster"),  # the HTTP service; Ray fan-out, batch scoring, DDP
     ("rstpm.cli", "rstpm.__main__", "rstpm"),  # the command line and the package's facade
 )
 """Lowest first: a module may import from its own layer and the layers before it."""

@@ -132,6 +132,43 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ray_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
+    group = parser.add_argument_group("cluster (the ray extra)")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on Ray: alone, RAY_ADDRESS or the cluster started on this machine or a new "
+        "local one; auto: a running cluster; local: a new local one; or HOST:PORT",
+    )
+    if training:
+        group.add_argument(
+            "--num-cpus",
+            type=int,
+            default=1,
+            help="CPUs (and torch threads) of each category's task or each DDP worker",
+        )
+        group.add_argument(
+            "--max-retries",
+            type=int,
+            default=3,
+            help="times a task whose worker died is retried; it resumes from its checkpoint",
+        )
+        group.add_argument(
+            "--workers",
+            type=int,
+            help="data-parallel training of one category on N Ray Train workers (torch DDP)",
+        )
+    else:
+        group.add_argument(
+            "--actors",
+            type=int,
+            help="scoring actors, each loading the run once (default: from the free CPUs)",
+        )
+        group.add_argument("--num-cpus", type=int, default=1, help="CPUs of each actor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rstpm",
@@ -141,8 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="train on the normal images of a dataset")
-    fit.add_argument("--data", type=Path, help="MVTec category or image folder")
-    fit.add_argument("--out", type=Path, help="run directory to create")
+    fit.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        help="MVTec category or image folder; several with --ray (one run per category)",
+    )
+    fit.add_argument(
+        "--out", type=Path, help="run directory to create (with several --data: the runs' folder)"
+    )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing run")
     fit.add_argument(
         "--resume",
@@ -153,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     fit.add_argument("--json", action="store_true", help="print run.json when done")
     _add_fit_arguments(fit)
+    _add_ray_arguments(fit, training=True)
 
     test = sub.add_parser("test", help="anomaly maps and metrics on a test set")
     test.add_argument("--run", type=Path, required=True)
@@ -201,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--json", action="store_true", help="(default) one JSON line per image on stdout"
     )
+    predict.add_argument(
+        "--out",
+        type=Path,
+        metavar="RESULTS",
+        help="with --ray: write the records to RESULTS (.jsonl, or .parquet) instead of stdout",
+    )
+    _add_ray_arguments(predict, training=False)
 
     check = sub.add_parser(
         "check", help="validate a dataset (decode every image, check masks) before training"
@@ -246,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quiet", action="store_true")
     _add_fit_arguments(bench)
+    _add_ray_arguments(bench, training=True)
 
     serve = sub.add_parser(
         "serve", help="an HTTP inspection service for trained runs (needs the serve extra)"
@@ -350,11 +403,17 @@ def _log_for(args: argparse.Namespace):  # -> Callable[[str], None]
     return lambda line: print(line, file=sys.stderr)
 
 
-def cmd_fit(args: argparse.Namespace) -> None:
+def cmd_fit(args: argparse.Namespace) -> int:
     from rstpm.runs.files import RunError
     from rstpm.runs.run_dir import is_run
     from rstpm.training.fit import fit
 
+    if args.ray is not None:
+        return _fit_on_ray(args)
+    if args.data is not None and len(args.data) > 1:
+        raise ValueError("several --data need --ray (one run per category on a Ray cluster)")
+    if args.workers is not None:
+        raise ValueError("--workers (data-parallel training) needs --ray")
     if args.resume is not None:
         from rstpm.training.fit import resume
 
@@ -369,7 +428,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
             )
         info = fit(
             _config_from_args(args),
-            args.data,
+            args.data[0],
             args.out,
             progress=not args.quiet,
             log=_log_for(args),
@@ -390,6 +449,55 @@ def cmd_fit(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
     else:
         print("; ".join(parts))
+    return 0
+
+
+def _ray_address(args: argparse.Namespace) -> str | None:
+    return args.ray or None  # `--ray` alone: Ray's own default (RAY_ADDRESS, ray start, local)
+
+
+def _fit_on_ray(args: argparse.Namespace) -> int:
+    """``fit --ray``: one task per category (fan-out) or, with --workers, DDP on one."""
+    if args.resume is not None:
+        raise ValueError(
+            "--resume with --ray: re-run the same `fit --ray` command; each unfinished run "
+            "continues from its checkpoint"
+        )
+    if not args.data or args.out is None:
+        raise ValueError("fit --ray needs --data and --out")
+    config = _config_from_args(args)
+    if args.workers is not None:
+        if len(args.data) != 1:
+            raise ValueError("--workers trains one category: give one --data")
+        from rstpm.cluster.ddp import fit_data_parallel
+
+        info = fit_data_parallel(
+            config,
+            args.data[0],
+            args.out,
+            workers=args.workers,
+            address=_ray_address(args),
+            cpus_per_worker=args.num_cpus,
+            max_failures=args.max_retries,
+            overwrite=args.overwrite,
+            log=_log_for(args),
+        )
+        print(json.dumps(info, indent=2) if args.json else f"run written to {args.out}")
+        return 0
+    from rstpm.cluster.fanout import fit_categories, format_summary
+
+    rows = fit_categories(
+        config,
+        args.data,
+        args.out,
+        address=_ray_address(args),
+        num_cpus=args.num_cpus,
+        max_retries=args.max_retries,
+        overwrite=args.overwrite,
+        log=_log_for(args),
+    )
+    print(json.dumps(rows, indent=2) if args.json else format_summary(rows))
+    return 1 if any(row["status"] == "failed" for row in rows) else 0
 
 
 def _check_graph_option(args: argparse.Namespace) -> None:
@@ -424,6 +532,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rstpm.inference.predict import expand_inputs, predict_paths
 
     _check_graph_option(args)
+    if args.ray is not None:
+        return _predict_on_ray(args)
+    if args.out is not None:
+        raise ValueError("--out RESULTS is for predict --ray; without it records go to stdout")
     paths = expand_inputs(args.paths)
     detector = Detector.load(args.run, args.variant, args.backend, args.precision, args.onnx)
     if detector.thresholds is None and not args.quiet:
@@ -451,6 +563,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if failed else 0
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    """``predict --ray``: Ray Data scores the images; one record per image in RESULTS."""
+    from rstpm.cluster.batch_predict import predict_on_ray
+    from rstpm.inference.predict import expand_inputs
+
+    if args.out is None:
+        raise ValueError("predict --ray needs --out RESULTS (.jsonl or .parquet)")
+    summary = predict_on_ray(
+        args.run,
+        expand_inputs(args.paths),
+        args.out,
+        variant=args.variant,
+        backend=args.backend,
+        precision=args.precision,
+        onnx_path=args.onnx,
+        batch_size=args.batch_size,
+        save_dir=args.save_dir,
+        actors=args.actors,
+        cpus_per_actor=args.num_cpus,
+        address=_ray_address(args),
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(
+            f"rstpm predict: {summary['images']} images, {summary['anomalous']} anomalous, "
+            f"{summary['failed']} failed, written to {args.out}",
+            file=sys.stderr,
+        )
+    return 1 if summary["failed"] else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -506,7 +649,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.students_from:
         raise ValueError("bench finds reusable students itself; drop --students-from")
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
-    bench(args.data, args.out, _config_from_args(args), ablations, progress=not args.quiet)
+    if args.workers is not None:
+        raise ValueError("bench trains one run per cell; --workers is for fit")
+    if args.ray is not None:
+        from rstpm.cluster.fanout import bench_on_ray
+
+        bench_on_ray(
+            args.data,
+            args.out,
+            _config_from_args(args),
+            ablations,
+            address=_ray_address(args),
+            num_cpus=args.num_cpus,
+            max_retries=args.max_retries,
+            log=_log_for(args),
+        )
+    else:
+        bench(args.data, args.out, _config_from_args(args), ablations, progress=not args.quiet)
     print((args.out / "results.md").read_text())
 
 
@@ -585,6 +744,7 @@ def _one_line_warnings(command: str) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rstpm.cluster.connect import ClusterError
     from rstpm.data.images import DataError
     from rstpm.inference.onnx_runtime import ExportError
     from rstpm.runs.files import RunError
@@ -606,7 +766,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _one_line_warnings(args.command):
             code = handlers[args.command](args)
-    except (DataError, WeightsError, RunError, TrainingError, ExportError, ValueError) as error:
+    except (
+        DataError, WeightsError, RunError, TrainingError, ExportError, ClusterError, ValueError
+    ) as error:
         print(f"rstpm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
