@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,26 +46,33 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _find_students(runs_dir: Path, config: Config) -> Path | None:
-    """A finished run in ``runs_dir`` with the same student settings."""
+def _find_students(runs_dir: Path, config: Config, data: Path) -> Path | None:
+    """A finished run in ``runs_dir`` on the same data with the same student settings."""
+    data = str(Path(data).resolve())
     for run in sorted(runs_dir.glob("*")):
         if is_run(run) and Config.from_dict(read_json(run / CONFIG_FILE)).student_fields() == (
             config.student_fields()
         ):
-            if "students_from" not in read_json(run / RUN_FILE):
+            info = read_json(run / RUN_FILE)
+            if "students_from" not in info and info.get("data") == data:
                 return run
     return None
+
+
+def run_path(runs_dir: Path, name: str, config: Config) -> Path:
+    """Where the run of ``config`` named ``name`` lives (the digest tells settings apart)."""
+    return Path(runs_dir) / f"{name}-{config_digest(config)}"
 
 
 def ensure_run(
     runs_dir: Path, name: str, config: Config, data: Path, progress: bool, log: Callable
 ) -> Path:
     """The run of ``config`` on ``data``: reused when it exists, else trained."""
-    run = runs_dir / f"{name}-{config_digest(config)}"
+    run = run_path(runs_dir, name, config)
     if is_run(run):
         log(f"reusing {run}")
         return run
-    students = _find_students(runs_dir, config)
+    students = _find_students(runs_dir, config, data)
     if students is not None:
         log(f"training {run} (students reused from {students.name})")
     else:
@@ -156,54 +164,78 @@ def render_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench(
-    categories: Sequence[Path],
-    out_dir: Path,
-    base: Config,
-    ablations: Sequence[str] = tuple(ABLATIONS),
+@dataclass(frozen=True)
+class Cell:
+    """One (category, ablation) of the grid: one run, tested for every variant."""
+
+    category: str
+    ablation: str
+    data: Path
+    config: Config
+
+    @property
+    def name(self) -> str:
+        return f"{self.category}-{self.ablation}"
+
+
+def plan_cells(
+    categories: Sequence[Path], base: Config, ablations: Sequence[str] = tuple(ABLATIONS)
+) -> list[Cell]:
+    """The grid in its order (category-major), or a ValueError for an unknown ablation."""
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
+    return [
+        Cell(
+            Path(data).resolve().name,
+            ablation,
+            Path(data),
+            Config.from_dict({**base.to_dict(), **ABLATIONS[ablation]}),
+        )
+        for data in categories
+        for ablation in ablations
+    ]
+
+
+def bench_cell(
+    runs_dir: Path,
+    cell: Cell,
     variants: Sequence[str] = VARIANTS,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Train (or reuse) and test every (category, ablation); returns one row per variant."""
-    unknown = [a for a in ablations if a not in ABLATIONS]
-    if unknown:
-        raise ValueError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
-    out_dir = Path(out_dir)
-    runs_dir = out_dir / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for data in categories:
-        data = Path(data)
-        category = data.resolve().name
-        for ablation in ablations:
-            config = Config.from_dict({**base.to_dict(), **ABLATIONS[ablation]})
-            run = ensure_run(runs_dir, f"{category}-{ablation}", config, data, progress, log)
-            info = read_json(run / RUN_FILE)
-            outs = [run / f"test_{v}" for v in variants]
-            done = all((o / "metrics.json").is_file() for o in outs)
-            results = (
-                [read_json(o / "metrics.json") for o in outs]
-                if done
-                else test_variants(run, data, variants, outs, progress=progress)
-            )
-            students_run = Path(info.get("students_from", run))
-            student_seconds = median_epoch_seconds(students_run, "students", ("train_seconds",))
-            disc_seconds = median_epoch_seconds(
-                run, "discriminative", ("synthesis_seconds", "unet_seconds")
-            )
-            for variant, result in zip(variants, results, strict=True):
-                rows.append(
-                    {
-                        "category": category,
-                        "ablation": ablation,
-                        "variant": variant,
-                        "run": str(run),
-                        "ours": _ours(result),
-                        "student_s_per_epoch": student_seconds,
-                        "disc_s_per_epoch": disc_seconds,
-                    }
-                )
+    """Train (or reuse) and test one cell's run; returns one row per variant. Cells sharing
+    students must run in the grid's order (the first one trains them)."""
+    run = ensure_run(runs_dir, cell.name, cell.config, cell.data, progress, log)
+    info = read_json(run / RUN_FILE)
+    outs = [run / f"test_{v}" for v in variants]
+    done = all((o / "metrics.json").is_file() for o in outs)
+    results = (
+        [read_json(o / "metrics.json") for o in outs]
+        if done
+        else test_variants(run, cell.data, variants, outs, progress=progress)
+    )
+    students_run = Path(info.get("students_from", run))
+    student_seconds = median_epoch_seconds(students_run, "students", ("train_seconds",))
+    disc_seconds = median_epoch_seconds(
+        run, "discriminative", ("synthesis_seconds", "unet_seconds")
+    )
+    return [
+        {
+            "category": cell.category,
+            "ablation": cell.ablation,
+            "variant": variant,
+            "run": str(run),
+            "ours": _ours(result),
+            "student_s_per_epoch": student_seconds,
+            "disc_s_per_epoch": disc_seconds,
+        }
+        for variant, result in zip(variants, results, strict=True)
+    ]
+
+
+def write_results(out_dir: Path, base: Config, rows: list[dict[str, Any]]) -> None:
+    """``results.json`` and ``results.md`` of the rows, with the schedule and this machine."""
     header = {
         "schedule": (
             f"preset {base.preset}, students {base.epochs} epochs (batch {base.batch_size}, "
@@ -217,6 +249,24 @@ def bench(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads"
         ),
     }
+    out_dir = Path(out_dir)
     atomic_write_json(out_dir / "results.json", {"header": header, "rows": rows})
     atomic_write_bytes(out_dir / "results.md", render_markdown(rows, header).encode())
+
+
+def bench(
+    categories: Sequence[Path],
+    out_dir: Path,
+    base: Config,
+    ablations: Sequence[str] = tuple(ABLATIONS),
+    variants: Sequence[str] = VARIANTS,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train (or reuse) and test every (category, ablation); returns one row per variant."""
+    cells = plan_cells(categories, base, ablations)
+    runs_dir = Path(out_dir) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    rows = [row for cell in cells for row in bench_cell(runs_dir, cell, variants, progress, log)]
+    write_results(out_dir, base, rows)
     return rows
