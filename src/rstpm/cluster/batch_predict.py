@@ -1,0 +1,423 @@
+"""``rstpm predict --ray``: score an image collection with Ray Data, one record per image.
+
+Choices:
+
+* **Input**: a path listing (``ray.data.from_items``), not ``read_images``: rstpm's own guarded
+  decoder (rstpm.data.images, through ``Detector.predict_many``) reads every file inside the
+  actors, so an unreadable image becomes the same error record as in local ``rstpm predict``.
+  The paths (and the run, and ``--save-dir``) must be readable and writable under the same
+  names on every node: a shared file system; each actor works in the driver's current folder,
+  so relative paths (and the records' ``path``) read as on the driver. rstpm must be installed
+  on every node.
+* **Actors**: ``map_batches`` with a callable class (``_Scorer``) on a fixed-size
+  ``ActorPoolStrategy``; each actor loads the ``Detector`` once and sets its torch threads to
+  its CPUs. Default pool size: the CPUs free now, less one left to Ray Data and the driver, in
+  actors of ``cpus_per_actor`` (2 free cores: 1 actor), never more actors than batches. An
+  explicit ``actors`` is honoured (capped at the number of batches); one that can never be
+  scheduled (more CPUs than the cluster has, or an actor larger than every node) is a one-line
+  error before any work.
+* **Records**: the fields of ``rstpm.inference.predict.predict_paths`` (the same loop: records
+  from ``Detector.predict_many``, overlays by ``save_outputs``). Overlay stems are computed on
+  the driver from the whole path list (``output_stems``) and travel in the rows, so
+  sub-folders are mirrored exactly as locally whatever the batches.
+* **Exactly once**: Ray Data's actor pools restart a dead actor and retry its task
+  (``max_restarts=-1``, ``max_task_retries=-1`` are its defaults, not overridden), so a batch
+  whose actor died is scored again. The driver keeps one record per input index (a repeat is
+  dropped and counted) and fails with a ClusterError unless every input has one record.
+* **Output**: by RESULTS' extension: ``.jsonl`` (one JSON line per image, as ``rstpm predict``
+  prints) or ``.parquet`` (one file, pyarrow, a fixed nullable schema: ``PARQUET_FIELDS``).
+  ``.json`` is refused (it would suggest one JSON document). Records stream from the dataset
+  to a temporary file beside RESULTS, renamed over it only when complete: an interrupted or
+  failed job leaves no half file and keeps an earlier RESULTS.
+* **Order**: input order (``preserve_order`` on the dataset's own context): the output is
+  deterministic and equals local ``rstpm predict``'s line for line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from rstpm.cluster.connect import ClusterError, free_cpus, ray_session, total_cpus
+from rstpm.data.images import DataError
+from rstpm.inference.detector import Detector, PredictionError
+from rstpm.inference.predict import output_stems, save_outputs
+
+FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+PARQUET_FIELDS = (
+    ("path", "string"),
+    ("score", "float64"),
+    ("normalised_score", "float64"),
+    ("verdict", "string"),
+    ("defect_area_fraction", "float64"),
+    ("overlay", "string"),
+    ("mask", "string"),
+    ("error", "string"),
+)
+"""Columns of a .parquet RESULTS (null where a record lacks the field)."""
+PARQUET_ROWS_PER_GROUP = 4096
+
+
+def results_format(out: Path) -> str:
+    """'jsonl' or 'parquet' from RESULTS' extension, or a one-line DataError."""
+    fmt = FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"--out {out}: unknown results format {Path(out).suffix or '(no extension)'}; "
+            "name it .jsonl (JSON lines) or .parquet"
+        )
+    if Path(out).is_dir():
+        raise DataError(f"--out {out} is a folder; give a file name ending .jsonl or .parquet")
+    return fmt
+
+
+def score_records(
+    detector: Detector, paths: Sequence[Path], stems: Sequence[Path | None], batch_size: int
+) -> Iterator[dict]:
+    """``predict_paths``' records for ``paths``, overlays written to the given stems (None: no
+    overlay), in order."""
+    for i, result in enumerate(detector.predict_many(paths, batch_size)):
+        if isinstance(result, PredictionError):
+            yield result.record()
+            continue
+        record = result.record()
+        if stems[i] is not None:
+            try:
+                record.update(save_outputs(result, stems[i]))
+            except (DataError, OSError) as error:
+                record["error"] = f"cannot write outputs for {result.path}: {error}"
+        yield record
+
+
+class _Scorer:
+    """A Ray Data actor: loads the run once, scores batches of rows {index, path, stem}.
+
+    ``crash_marker`` is a test hook only: the actor whose 2nd batch finds that file absent
+    creates it and exits the process (once in the whole job), to prove that a dead actor's
+    batch is scored again and exactly once.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        variant: str | None,
+        backend: str,
+        precision: str | None,
+        onnx_path: str | None,
+        batch_size: int,
+        threads: int,
+        cwd: str,
+        crash_marker: str | None = None,
+    ) -> None:
+        import torch
+
+        if not Path(cwd).is_dir():
+            raise ClusterError(
+                f"{cwd} (the driver's current folder) is not on this node; use shared storage"
+            )
+        os.chdir(cwd)  # relative paths mean what they mean on the driver (shared storage)
+        torch.set_num_threads(max(1, threads))
+        self.detector = Detector.load(run, variant, backend, precision, onnx_path)
+        self.batch_size = batch_size
+        self.crash_marker = crash_marker
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if self.crash_marker is not None and self.calls == 2:
+            _exit_once(Path(self.crash_marker))
+        paths = [Path(str(p)) for p in batch["path"]]
+        stems = [Path(str(s)) if s else None for s in batch["stem"]]
+        records = score_records(self.detector, paths, stems, self.batch_size)
+        return {
+            "index": np.asarray(batch["index"], dtype=np.int64),
+            "record": np.array([json.dumps(r) for r in records], dtype=object),
+        }
+
+
+def _exit_once(marker: Path) -> None:
+    """Test hook: exit this process unless ``marker`` exists (created atomically first)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+def choose_actors(ray: Any, requested: int | None, cpus_per_actor: int, n_batches: int) -> int:
+    """The actor pool's size: ``requested`` when it can ever be scheduled, else the free CPUs
+    less one (for Ray Data and the driver) in actors of ``cpus_per_actor``; at most one actor
+    per batch, at least one."""
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, default=0.0)
+    if cpus_per_actor > largest:
+        raise ClusterError(
+            f"--num-cpus {cpus_per_actor}: no node has that many CPUs (largest: {largest:g}); "
+            "lower --num-cpus"
+        )
+    if requested is not None:
+        total = total_cpus(ray)
+        if requested * cpus_per_actor > total:
+            raise ClusterError(
+                f"--actors {requested} x --num-cpus {cpus_per_actor} needs "
+                f"{requested * cpus_per_actor} CPUs; the cluster has {total:g}; lower --actors"
+            )
+        return max(1, min(requested, n_batches))
+    room = free_cpus(ray) - 1.0
+    return max(1, min(int(room // cpus_per_actor), n_batches))
+
+
+def _rows(paths: Sequence[Path], save_dir: Path | None) -> list[dict[str, Any]]:
+    """The dataset's rows: input index, path, overlay stem ("" without save_dir). Stems come
+    from the whole list, so each batch mirrors sub-folders exactly as local predict does."""
+    stems = output_stems(paths, save_dir) if save_dir is not None else [None] * len(paths)
+    return [
+        {"index": i, "path": str(p), "stem": "" if s is None else str(s)}
+        for i, (p, s) in enumerate(zip(paths, stems, strict=True))
+    ]
+
+
+def _validate(batch_size: int, cpus_per_actor: int, actors: int | None) -> None:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if cpus_per_actor < 1:
+        raise ValueError(f"--num-cpus must be at least 1, got {cpus_per_actor}")
+    if actors is not None and actors < 1:
+        raise ValueError(f"--actors must be at least 1, got {actors}")
+
+
+def _check_run(
+    run: Path, variant: str | None, backend: str, precision: str | None, onnx: Path | None
+) -> None:
+    """Open the run once on the driver: a broken run, variant or graph is a one-line error
+    before any actor starts (and a run without thresholds a warning)."""
+    detector = Detector.load(run, variant, backend, precision, onnx)
+    if detector.thresholds is None:
+        print(
+            f"rstpm predict: warning: {run} has no thresholds (no verdicts); "
+            f"create them with `rstpm threshold --run {run}`",
+            file=sys.stderr,
+        )
+
+
+class _Writer:
+    """Records to a temporary file beside RESULTS; ``commit`` renames it over RESULTS."""
+
+    def __init__(self, out: Path, fmt: str) -> None:
+        self.out = out
+        self.fmt = fmt
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.pending: list[dict] = []
+        self.handle: IO[str] | None = None
+        self.parquet: Any = None
+        if fmt == "jsonl":
+            self.handle = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in PARQUET_FIELDS])
+            self.parquet = pq.ParquetWriter(str(self.tmp), self.schema)
+
+    def write(self, line: str, record: dict) -> None:
+        if self.handle is not None:
+            self.handle.write(line + "\n")
+            return
+        self.pending.append(record)
+        if len(self.pending) >= PARQUET_ROWS_PER_GROUP:
+            self._flush_parquet()
+
+    def _flush_parquet(self) -> None:
+        if not self.pending:
+            return
+        import pyarrow as pa
+
+        columns = {name: [r.get(name) for r in self.pending] for name, _ in PARQUET_FIELDS}
+        self.parquet.write_table(pa.table(columns, schema=self.schema))
+        self.pending.clear()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.handle = None
+        elif self.parquet is not None:
+            self._flush_parquet()
+            self.parquet.close()
+            self.parquet = None
+
+    def commit(self) -> None:
+        self.close()
+        os.replace(self.tmp, self.out)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _dataset(
+    ray: Any,
+    rows: list[dict],
+    n_batches: int,
+    n_actors: int,
+    constructor: dict[str, Any],
+    cpus_per_actor: int,
+    batch_size: int,
+) -> Any:
+    ds = ray.data.from_items(rows, override_num_blocks=n_batches)
+    ds = ds.map_batches(
+        _Scorer,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        fn_constructor_kwargs=constructor,
+        num_cpus=cpus_per_actor,
+        udf_modifying_row_count=False,
+    )
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def _collect(ds: Any, n: int, writer: _Writer, progress: bool, batch_size: int) -> dict[str, int]:
+    """Stream the scored batches into ``writer``: one record per input index."""
+    from tqdm.auto import tqdm
+
+    seen = np.zeros(n, dtype=bool)
+    counts = {"anomalous": 0, "failed": 0, "duplicates": 0}
+    bar = tqdm(total=n, desc="predict", unit="img", disable=not progress)
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for index, line in zip(batch["index"], batch["record"], strict=True):
+            if seen[index]:
+                counts["duplicates"] += 1
+                continue
+            seen[index] = True
+            record = json.loads(line)
+            writer.write(str(line), record)
+            bar.update(1)
+            if "error" in record:
+                counts["failed"] += 1
+                print(f"rstpm predict: error: {record['error']}", file=sys.stderr)
+            counts["anomalous"] += record.get("verdict") == "anomalous"
+    bar.close()
+    missing = int(n - seen.sum())
+    if missing:
+        raise ClusterError(
+            f"{missing} of {n} images got no record from the cluster; nothing was written, "
+            "run the command again"
+        )
+    return counts
+
+
+def _write_results(
+    ray: Any, ds: Any, n: int, out: Path, fmt: str, progress: bool, batch_size: int
+) -> dict[str, int]:
+    """Run the job into a temporary file and rename it to ``out`` once every image has its
+    record; on any failure or interrupt the temporary file goes and ``out`` is untouched."""
+    writer = _Writer(out, fmt)
+    try:
+        with _quiet_ray_data():
+            counts = _collect(ds, n, writer, progress, batch_size)
+        writer.commit()
+    except ray.exceptions.RayError as error:
+        writer.discard()
+        raise ClusterError(f"predict --ray failed: {_first_line(error)}") from None
+    except BaseException:
+        writer.discard()
+        raise
+    return counts
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's own INFO lines (plan, start, finish) and its progress-bar notice stay off
+    the terminal: rstpm's bar and summary say the same; its warnings still show."""
+    loggers = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name, level in loggers.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def predict_on_ray(
+    run: Path,
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    variant: str | None,
+    backend: str,
+    precision: str | None,
+    onnx_path: Path | None,
+    batch_size: int,
+    save_dir: Path | None,
+    actors: int | None,
+    cpus_per_actor: int,
+    address: str | None,
+    progress: bool,
+    crash_marker: Path | None = None,
+) -> dict[str, Any]:
+    """Score ``paths`` on a Ray cluster and write one record per image to ``out``.
+
+    Returns the summary: images, anomalous, failed, duplicates (repeated records dropped),
+    seconds, actors, out. ``crash_marker`` is a test hook (see ``_Scorer``).
+
+    Raises:
+        DataError: a bad RESULTS name; ClusterError: no cluster, an actor pool that can never
+        be scheduled, a job that failed or lost records; RunError and friends from the run.
+    """
+    out = Path(out)
+    fmt = results_format(out)
+    _validate(batch_size, cpus_per_actor, actors)
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DataError("no input images given")
+    _check_run(run, variant, backend, precision, onnx_path)
+    rows = _rows(paths, save_dir)
+    n_batches = math.ceil(len(paths) / batch_size)
+    start = time.perf_counter()
+    with ray_session(address) as ray:
+        n_actors = choose_actors(ray, actors, cpus_per_actor, n_batches)
+        constructor = {
+            "run": str(run),
+            "variant": variant,
+            "backend": backend,
+            "precision": precision,
+            "onnx_path": None if onnx_path is None else str(onnx_path),
+            "batch_size": batch_size,
+            "threads": cpus_per_actor,
+            "cwd": os.getcwd(),
+            "crash_marker": None if crash_marker is None else str(crash_marker),
+        }
+        ds = _dataset(ray, rows, n_batches, n_actors, constructor, cpus_per_actor, batch_size)
+        counts = _write_results(ray, ds, len(paths), out, fmt, progress, batch_size)
+    return {
+        "images": len(paths),
+        **counts,
+        "seconds": time.perf_counter() - start,
+        "actors": n_actors,
+        "out": str(out),
+    }
