@@ -567,11 +567,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_on_ray(args: argparse.Namespace) -> int:
     """``predict --ray``: Ray Data scores the images; one record per image in RESULTS."""
-    from rstpm.cluster.batch_predict import predict_on_ray
+    from rstpm.cluster.batch_predict import predict_on_ray, results_format
     from rstpm.inference.predict import expand_inputs
 
     if args.out is None:
         raise ValueError("predict --ray needs --out RESULTS (.jsonl or .parquet)")
+    results_format(args.out)  # a bad RESULTS name before the inputs are listed
     summary = predict_on_ray(
         args.run,
         expand_inputs(args.paths),
