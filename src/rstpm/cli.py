@@ -774,7 +774,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "fit" and (args.resume or args.out):
+        if args.command == "fit" and getattr(args, "ray", None) is not None:
+            hint = "; run the same command again: unfinished runs continue from their checkpoint"
+        elif args.command == "fit" and (args.resume or args.out):
             hint = f"; continue with `rstpm fit --resume {args.resume or args.out}`"
         print(f"rstpm {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
