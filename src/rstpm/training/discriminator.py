@@ -26,6 +26,7 @@ from rstpm.core.model import RSTPM
 from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
 from rstpm.runs.checkpoint import optimizer_tensors, restore_optimizer
 from rstpm.training.loop import Resume, Tensors, check_finite
+from rstpm.training.parallel import DataParallel
 
 
 @torch.no_grad()
@@ -73,7 +74,12 @@ def anomaly_source(config: Config) -> AnomalySource:
 
 class DiscriminatorStage:
     """The U-Net on pseudo-anomalies, focal loss (Eq. 6), Adam; validation: the focal loss on
-    pseudo-anomalies of the held-out normals."""
+    pseudo-anomalies of the held-out normals.
+
+    With ``parallel`` (a data-parallel worker, training/parallel.py) the discriminative network
+    is wrapped (DDP), each worker synthesises the pseudo-anomalies of its own share of the
+    training images with its own generator and steps on batches of disc_batch_size / N; the
+    normaliser's statistics and the validation pool are computed identically on every worker."""
 
     name = "discriminative"
     label = "disc"
@@ -86,9 +92,10 @@ class DiscriminatorStage:
         train_images: torch.Tensor,
         val_images: torch.Tensor,
         fit_normalizer: bool = True,
+        parallel: DataParallel | None = None,
     ) -> None:
         self.model, self.config, self.train_images = model, config, train_images
-        self.discriminator = model.discriminator
+        self.discriminator, self.parallel = model.discriminator, parallel
         self.epochs = config.disc_epochs
         self.synthesizer = PseudoAnomalySynthesizer(
             anomaly_source(config), image_rotation=config.disc_image_rotation
@@ -103,6 +110,7 @@ class DiscriminatorStage:
             model, self.synthesizer, val_images, val_generator, config.batch_size
         )
         self.setup_seconds = time.perf_counter() - started
+        self.forward = self.discriminator if parallel is None else parallel.wrap(self.discriminator)
         self.optimizer = torch.optim.Adam(self.discriminator.unet.parameters(), lr=config.disc_lr)
         self.synthesis_seconds: list[float] = []
         self.unet_seconds: list[float] = []
@@ -113,33 +121,56 @@ class DiscriminatorStage:
     def train_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, Any]:
         config, unet = self.config, self.discriminator
         t0 = time.perf_counter()
-        if (epoch - 1) % config.disc_pool_refresh == 0:
-            self.inputs, self.targets = make_pool(
-                self.model, self.synthesizer, self.train_images, generator, config.batch_size
-            )
+        refresh = config.disc_pool_refresh
+        if self.inputs is None or (epoch - 1) % refresh == 0:  # None: a worker's resumed cycle
+            self.inputs, self.targets = self.make_pool(epoch - (epoch - 1) % refresh, generator)
         t1 = time.perf_counter()
         unet.train()
-        order = torch.randperm(len(self.inputs), generator=generator)
         total = 0.0
-        for start in range(0, len(self.inputs), config.disc_batch_size):
-            index = order[start : start + config.disc_batch_size]
-            if len(index) < 2:  # BatchNorm needs two samples; the pool is reshuffled next epoch
-                continue
-            loss = focal_loss(unet(self.inputs[index]), self.targets[index], gamma=2.0)
+        for index in self.batches(epoch, generator):
+            loss = focal_loss(self.forward(self.inputs[index]), self.targets[index], gamma=2.0)
             check_finite(loss, "discriminative", epoch, config.disc_lr, "--disc-lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(index)
+        count = len(self.inputs)
+        if self.parallel is not None:
+            self.parallel.sync_buffers(unet)
+            total, count = self.parallel.all_sum(total, count)
         t2 = time.perf_counter()
         self.synthesis_seconds.append(t1 - t0)
         self.unet_seconds.append(t2 - t1)
         self.epoch = epoch
         return {
-            "loss": total / len(self.inputs),
+            "loss": total / count,
             "synthesis_seconds": round(t1 - t0, 3),
             "unet_seconds": round(t2 - t1, 3),
         }
+
+    def make_pool(
+        self, first_epoch: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pool of the refresh cycle that starts at ``first_epoch``: of all
+        training images (one process), or of this worker's share with its own generator."""
+        images, parallel = self.train_images, self.parallel
+        if parallel is not None:
+            images = images[parallel.shard(len(images), first_epoch)]
+            generator = parallel.generator(stream=2, epoch=first_epoch)
+        return make_pool(self.model, self.synthesizer, images, generator, self.config.batch_size)
+
+    def batches(self, epoch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """Index batches into the pool: one process skips a last batch of one image
+        (BatchNorm needs two; the pool is reshuffled next epoch); a worker keeps full batches
+        of disc_batch_size / N."""
+        n, parallel = len(self.inputs), self.parallel
+        if parallel is not None:
+            size = parallel.per_worker(self.config.disc_batch_size, "--disc-batch-size")
+            order = torch.randperm(n, generator=parallel.generator(stream=3, epoch=epoch))
+            return [order[k * size : (k + 1) * size] for k in range(n // size)]
+        size = self.config.disc_batch_size
+        order = torch.randperm(n, generator=generator)
+        return [order[i : i + size] for i in range(0, n, size) if len(order[i : i + size]) >= 2]
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -161,7 +192,8 @@ class DiscriminatorStage:
     def checkpoint(self) -> Resume:
         refresh = self.config.disc_pool_refresh
         pool = {}
-        if refresh > 1 and self.epoch % refresh != 0:  # still in use next epoch
+        # the pool is still in use next epoch; a worker's own pool is remade on resume instead
+        if refresh > 1 and self.epoch % refresh != 0 and self.parallel is None:
             pool = {"inputs": self.inputs, "targets": self.targets}
         meta = {"synthesis_seconds": self.synthesis_seconds, "unet_seconds": self.unet_seconds}
         groups = {
@@ -176,7 +208,7 @@ class DiscriminatorStage:
         restore_optimizer(self.optimizer, groups.get("optimizer", {}))
         self.synthesis_seconds = list(meta["synthesis_seconds"])
         self.unet_seconds = list(meta["unet_seconds"])
-        if "pool" in groups:
+        if "pool" in groups and self.parallel is None:  # a worker remakes its own pool
             self.inputs, self.targets = groups["pool"]["inputs"], groups["pool"]["targets"]
         self.epoch = meta["epoch"]
 

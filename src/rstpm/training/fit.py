@@ -46,6 +46,7 @@ from rstpm.training.loop import (
     run_stage,
     seed_everything,
 )
+from rstpm.training.parallel import DataParallel
 from rstpm.training.students import StudentStage
 
 
@@ -72,7 +73,7 @@ class TrainingSplit:
     calibration: list[Sample]
 
 
-def _training_split(config: Config, data_root: Path) -> TrainingSplit:
+def training_split(config: Config, data_root: Path) -> TrainingSplit:
     """The split of the normal images, or a DataError (checked before any write)."""
     samples = list_train_samples(data_root)
     train_samples, held_out = split_train_val(samples, config.val_fraction, config.seed)
@@ -108,8 +109,17 @@ def fit(
     reused (stage 1 is skipped; only the discriminative network is trained). A checkpoint is
     written after every epoch (rstpm.runs.checkpoint); :func:`resume` continues an interrupted fit.
     """
+    meta = prepare_run(config, data_root, run_dir, students_from)
+    return train_run(config, run_dir, meta, progress=progress, log=log, on_epoch_end=on_epoch_end)
+
+
+def prepare_run(
+    config: Config, data_root: Path, run_dir: Path, students_from: Path | None = None
+) -> dict[str, Any]:
+    """Check the data, then start ``run_dir`` afresh (config.json, an empty log, no checkpoint,
+    no complete run); returns the run's checkpoint meta (its data folder, ``students_from``)."""
     run_dir = Path(run_dir)
-    _training_split(config, Path(data_root))  # bad data fails before the run folder is touched
+    training_split(config, Path(data_root))  # bad data fails before the run folder is touched
     if students_from:
         _reusable_students(config, Path(students_from))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +128,10 @@ def fit(
         (run_dir / name).unlink(missing_ok=True)
     atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())  # what --resume rebuilds from
     (run_dir / LOG_FILE).write_text("")
-    meta = {
+    return {
         "data": str(Path(data_root).resolve()),
         "students_from": str(Path(students_from).resolve()) if students_from else None,
     }
-    return _train(config, run_dir, meta, progress, log, on_epoch_end, None)
 
 
 def resume(
@@ -136,8 +145,17 @@ def resume(
     run_dir = Path(run_dir)
     meta, groups = load_checkpoint(run_dir)
     config = read_config(run_dir)
-    # the log keeps the epochs the checkpoint contains, the rest is trained again
-    log_path = run_dir / LOG_FILE
+    trim_log(run_dir, meta)
+    base = {k: meta[k] for k in ("data", "students_from")}
+    return train_run(
+        config, run_dir, base, progress=progress, log=log, on_epoch_end=on_epoch_end,
+        resume_from=(meta, groups),
+    )
+
+
+def trim_log(run_dir: Path, meta: dict[str, Any]) -> None:
+    """The log keeps the epochs the checkpoint (``meta``) contains, the rest is trained again."""
+    log_path = Path(run_dir) / LOG_FILE
     kept = []
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
@@ -148,21 +166,31 @@ def resume(
             ):
                 kept.append(line)
     atomic_write_bytes(log_path, "".join(f"{line}\n" for line in kept).encode())
-    base = {k: meta[k] for k in ("data", "students_from")}
-    return _train(config, run_dir, base, progress, log, on_epoch_end, (meta, groups))
 
 
-def _train(
+def train_run(
     config: Config,
     run_dir: Path,
     meta: dict[str, Any],
-    progress: bool,
-    log: Callable[[str], None],
-    on_epoch_end: Callable[[str, int], None] | None,
-    resume_from: Resume | None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_epoch_end: Callable[[str, int], None] | None = None,
+    resume_from: Resume | None = None,
+    parallel: DataParallel | None = None,
+    on_write: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
+    """Both stages, the calibration and the run's files, into a prepared ``run_dir``
+    (:func:`prepare_run`; ``meta``: its checkpoint meta), or from a checkpoint.
+
+    ``parallel``: one data-parallel worker (rstpm.cluster.ddp): every worker trains its share
+    and computes the rest identically; only rank 0 writes (log, checkpoints, thresholds, run)
+    and returns the run.json info, the others return an empty dict. ``on_write(path)`` runs
+    after each checkpoint written.
+    """
+    main = parallel is None or parallel.is_main
     data_root = Path(meta["data"])
-    split = _training_split(config, data_root)
+    split = training_split(config, data_root)
     stage = resume_from[0]["stage"] if resume_from is not None else None
     meta_epoch = resume_from[0]["epoch"] if resume_from is not None else None
     generator = seed_everything(config.seed)
@@ -180,11 +208,13 @@ def _train(
         if split.calibration is split.selection
         else load_all_images(split.calibration, config.image_size, progress=progress)
     )
-    logger = EpochLogger(run_dir / LOG_FILE, progress, log)
-    checkpointer = Checkpointer(run_dir, meta, config.checkpoint_interval, on_epoch_end)
+    logger = EpochLogger(run_dir / LOG_FILE if main else None, progress, log)
+    checkpointer = Checkpointer(
+        run_dir, meta, config.checkpoint_interval, on_epoch_end, write=main, on_write=on_write
+    )
     students, info = _stage1(
         model, config, meta, (train_images, val_images), generator, logger, progress,
-        checkpointer, resume_from,
+        checkpointer, resume_from, parallel,
     )
     missing, unexpected = model.load_state_dict(students, strict=False)
     assert not unexpected, unexpected
@@ -198,9 +228,11 @@ def _train(
         info.update(
             _train_discriminator(
                 model, config, (train_images, val_images), logger, progress, checkpointer,
-                resume_disc,
+                resume_disc, parallel,
             )
         )
+    if not main:
+        return {}
     save_thresholds(run_dir, calibrate_thresholds(model, config, calibration_images))
     info = {
         "teachers": {k: v.to_dict() for k, v in teachers.items()},
@@ -216,6 +248,9 @@ def _train(
         "torch_threads": torch.get_num_threads(),
         "precision": precision.to_dict(),
     }
+    if parallel is not None:
+        disc_batch = config.disc_batch_size if model.discriminator is not None else None
+        info["distributed"] = parallel.record(config.batch_size, disc_batch)
     save_run(run_dir, config, model.trainable_state_dict(), info)
     remove_checkpoint(run_dir)
     return info
@@ -231,6 +266,7 @@ def _stage1(
     progress: bool,
     checkpointer: Checkpointer,
     resume_from: Resume | None,
+    parallel: DataParallel | None,
 ) -> tuple[Tensors, dict[str, Any]]:
     """The students: from a checkpoint of stage 2, from another run (``students_from``), or
     trained (continuing a checkpoint of stage 1); with their run.json entries."""
@@ -242,7 +278,7 @@ def _stage1(
         return students, {"students_from": meta["students_from"]}
     resume = resume_from if stage == "students" else None
     return _train_students(
-        model, config, images, generator, logger, progress, checkpointer, resume
+        model, config, images, generator, logger, progress, checkpointer, resume, parallel
     )
 
 
@@ -255,9 +291,10 @@ def _train_students(
     progress: bool,
     checkpointer: Checkpointer,
     resume: Resume | None,
+    parallel: DataParallel | None,
 ) -> tuple[Tensors, dict[str, Any]]:
     """Stage 1; returns the best epoch's student state and the stage's run.json entries."""
-    stage = StudentStage(model, config, *images)
+    stage = StudentStage(model, config, *images, parallel=parallel)
     best = run_stage(stage, generator, logger, progress, checkpointer, resume)
     return best.state, {"best_epoch": best.epoch, "best_val_score": best.value, **stage.summary()}
 
@@ -270,10 +307,13 @@ def _train_discriminator(
     progress: bool,
     checkpointer: Checkpointer,
     resume: Resume | None,
+    parallel: DataParallel | None,
 ) -> dict[str, Any]:
     """Stage 2 (the model keeps the best epoch's U-Net); returns its run.json entries. It draws
     from its own random stream, so reusing students gives the same result."""
-    stage = DiscriminatorStage(model, config, *images, fit_normalizer=resume is None)
+    stage = DiscriminatorStage(
+        model, config, *images, fit_normalizer=resume is None, parallel=parallel
+    )
     generator = torch.Generator().manual_seed(config.seed + 2)
     best = run_stage(stage, generator, logger, progress, checkpointer, resume)
     model.discriminator.load_state_dict(best.state)

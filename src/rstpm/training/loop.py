@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rstpm.runs.checkpoint import restore_rng, save_checkpoint
+from rstpm.runs.checkpoint import CHECKPOINT_FILE, restore_rng, save_checkpoint
 
 Tensors = dict[str, torch.Tensor]
 Resume = tuple[dict[str, Any], dict[str, Tensors]]
@@ -66,14 +66,17 @@ class BestEpoch:
 
 
 class EpochLogger:
-    """Per-epoch log lines: appended to train_log.jsonl and shown under the progress bar."""
+    """Per-epoch log lines: appended to train_log.jsonl (``path`` None: no file, a data-parallel
+    worker other than rank 0) and shown under the progress bar."""
 
-    def __init__(self, path: Path, progress: bool, log: Callable[[str], None]) -> None:
-        self.path, self.progress, self.log = Path(path), progress, log
+    def __init__(self, path: Path | None, progress: bool, log: Callable[[str], None]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.progress, self.log = progress, log
 
     def __call__(self, bar: Any, record: dict[str, Any], line: str) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         if self.progress:
             bar.write(line, file=sys.stderr)
         else:
@@ -83,7 +86,8 @@ class EpochLogger:
 class Checkpointer:
     """Writes the checkpoint after an epoch when ``interval`` seconds have passed since the last
     write, and always after a stage's last epoch (0: every epoch). ``on_epoch_end(stage,
-    epoch)`` runs after every epoch (tests interrupt training there)."""
+    epoch)`` runs after every epoch (tests interrupt training there), ``on_write(path)`` after
+    every write; ``write`` False (data-parallel workers but rank 0) writes nothing."""
 
     def __init__(
         self,
@@ -91,9 +95,11 @@ class Checkpointer:
         meta: dict[str, Any],
         interval: float = 0.0,
         on_epoch_end: Callable[[str, int], None] | None = None,
+        write: bool = True,
+        on_write: Callable[[Path], None] | None = None,
     ) -> None:
         self.run_dir, self.meta, self.interval = Path(run_dir), meta, interval
-        self.on_epoch_end = on_epoch_end
+        self.on_epoch_end, self.write, self.on_write = on_epoch_end, write, on_write
         self.extra: dict[str, Tensors] = {}  # groups saved with every write
         self.last_write = time.monotonic()
 
@@ -105,7 +111,7 @@ class Checkpointer:
         state: Callable[[], Resume],
         generator: torch.Generator,
     ) -> None:
-        if last or time.monotonic() - self.last_write >= self.interval:
+        if self.write and (last or time.monotonic() - self.last_write >= self.interval):
             meta, groups = state()
             save_checkpoint(
                 self.run_dir,
@@ -114,6 +120,8 @@ class Checkpointer:
                 generator,
             )
             self.last_write = time.monotonic()
+            if self.on_write is not None:
+                self.on_write(self.run_dir / CHECKPOINT_FILE)
         if self.on_epoch_end is not None:
             self.on_epoch_end(stage, epoch)
 

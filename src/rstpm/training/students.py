@@ -26,6 +26,7 @@ from rstpm.core.fusion import fuse_st
 from rstpm.core.model import RSTPM, TeacherFeatures
 from rstpm.runs.checkpoint import optimizer_tensors, restore_optimizer
 from rstpm.training.loop import Resume, Tensors, check_finite
+from rstpm.training.parallel import DataParallel, StudentModules
 
 
 def compute_teacher_features(
@@ -66,15 +67,25 @@ def student_state(model: RSTPM) -> Tensors:
 
 
 class StudentStage:
-    """SGD on the six-location loss (Eq. 4); validation: the mean held-out image score."""
+    """SGD on the six-location loss (Eq. 4); validation: the mean held-out image score.
+
+    With ``parallel`` (a data-parallel worker, training/parallel.py) the students and the
+    attention are wrapped (DDP) and each step takes this worker's B / N images of the global
+    batch; every worker validates the same (synchronised) state."""
 
     name = label = "students"
     value_name = "val_score"
 
     def __init__(
-        self, model: RSTPM, config: Config, train_images: torch.Tensor, val_images: torch.Tensor
+        self,
+        model: RSTPM,
+        config: Config,
+        train_images: torch.Tensor,
+        val_images: torch.Tensor,
+        parallel: DataParallel | None = None,
     ) -> None:
-        self.model, self.config = model, config
+        self.model, self.config, self.parallel = model, config, parallel
+        self.forward = model if parallel is None else parallel.wrap(StudentModules(model))
         self.train_images, self.val_images = train_images, val_images
         self.epochs = config.epochs
         self.train_cache = self.val_cache = None
@@ -89,25 +100,37 @@ class StudentStage:
         )
         self.epoch_seconds: list[float] = []
 
+    def batches(self, epoch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """The epoch's index batches: one process shuffles with the stage's generator (the
+        last batch may be partial); a worker takes its share of the sampler's global batches."""
+        n, batch_size = len(self.train_images), self.config.batch_size
+        if self.parallel is not None:
+            return self.parallel.batches(n, batch_size, epoch)
+        order = torch.randperm(n, generator=generator)
+        return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+
     def train_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, Any]:
         started = time.perf_counter()
-        model, config, n = self.model, self.config, len(self.train_images)
+        model, config = self.model, self.config
         model.train()
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, config.batch_size):
-            index = order[start : start + config.batch_size]
+        total, count = 0.0, 0
+        for index in self.batches(epoch, generator):
             feats = self.train_cache.select(index) if self.train_cache is not None else None
-            omegas = model(self.train_images[index], feats)
+            omegas = self.forward(self.train_images[index], feats)
             loss = sum(omega.mean() for omega in omegas)  # Eq. 3-4
             check_finite(loss, "student", epoch, config.lr, "--lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(index)
+            count += len(index)
+        if self.parallel is not None:
+            for module in model.students():
+                self.parallel.sync_buffers(module)
+            total, count = self.parallel.all_sum(total, count)
         seconds = time.perf_counter() - started
         self.epoch_seconds.append(seconds)
-        return {"loss": total / n, "train_seconds": round(seconds, 3)}
+        return {"loss": total / count, "train_seconds": round(seconds, 3)}
 
     def validate(self) -> float:
         return validation_score(
