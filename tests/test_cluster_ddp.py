@@ -122,7 +122,7 @@ def _fail_once(marker: str):
 
 @pytest.mark.slow
 def test_data_parallel_run_resumes_after_a_failure_and_is_a_complete_run(
-    ray_instance, synthetic_category: Path, tmp_path: Path
+    ray_instance, synthetic_category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from rstpm.cluster.ddp import fit_data_parallel
     from rstpm.evaluation.evaluate import test
@@ -130,10 +130,13 @@ def test_data_parallel_run_resumes_after_a_failure_and_is_a_complete_run(
     config = Config(epochs=2, disc_epochs=2, **FAST)
     run = tmp_path / "ddp"
     lines: list[str] = []
+    # relative paths mean the driver's folder, also in Ray Train's workers (their own folder)
+    (tmp_path / "data").symlink_to(synthetic_category)
+    monkeypatch.chdir(tmp_path)
     info = fit_data_parallel(
         config,
-        synthetic_category,
-        run,
+        Path("data"),
+        Path("ddp"),
         workers=2,
         address=None,
         cpus_per_worker=1,

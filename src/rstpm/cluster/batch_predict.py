@@ -49,7 +49,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from rstpm.cluster.connect import ClusterError, free_cpus, ray_session, total_cpus
+from rstpm.cluster.connect import (
+    ClusterError,
+    enter_driver_folder,
+    free_cpus,
+    ray_session,
+    total_cpus,
+)
 from rstpm.data.images import DataError
 from rstpm.inference.detector import Detector, PredictionError
 from rstpm.inference.predict import output_stems, save_outputs
@@ -122,11 +128,7 @@ class _Scorer:
     ) -> None:
         import torch
 
-        if not Path(cwd).is_dir():
-            raise ClusterError(
-                f"{cwd} (the driver's current folder) is not on this node; use shared storage"
-            )
-        os.chdir(cwd)  # relative paths mean what they mean on the driver (shared storage)
+        enter_driver_folder(cwd)
         torch.set_num_threads(max(1, threads))
         self.detector = Detector.load(run, variant, backend, precision, onnx_path)
         self.batch_size = batch_size

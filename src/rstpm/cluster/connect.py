@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 INSTALL_HINT = "pip install 'rstpm[ray]' (./scripts/setup installs it)"
@@ -77,3 +78,16 @@ def free_cpus(ray: Any) -> float:
 def total_cpus(ray: Any) -> float:
     """CPUs of all alive nodes of the cluster."""
     return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def enter_driver_folder(cwd: str) -> None:
+    """Run a task or actor in the driver's current folder (given as ``os.getcwd()`` there), so
+    relative paths (data, runs, --anomaly-source, weights) mean what they mean on the driver:
+    Ray starts workers elsewhere (Ray Train in its own trial folder). Needs shared storage
+    mounted at the same path on every node; a one-line ClusterError where it is not."""
+    if not Path(cwd).is_dir():
+        raise ClusterError(
+            f"{cwd} (the driver's current folder) is not on this node; put the data and runs "
+            "on storage every node mounts at the same path"
+        )
+    os.chdir(cwd)

@@ -74,7 +74,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rstpm.cluster.connect import ClusterError, ray_session, total_cpus
+from rstpm.cluster.connect import ClusterError, enter_driver_folder, ray_session, total_cpus
 from rstpm.config import Config
 from rstpm.data.dataset import load_all_images
 from rstpm.data.images import DataError
@@ -131,7 +131,7 @@ def fit_data_parallel(
     """Train one run on ``workers`` Ray Train workers (torch DDP) and write it to ``run_dir``
     like ``training.fit.fit``; returns its run.json info. ``on_epoch_end(stage, epoch)`` runs
     on every worker after each epoch's report (tests inject a failure there)."""
-    run_dir, data_root = Path(run_dir).resolve(), Path(data_root)
+    run_dir, data_root = Path(run_dir).resolve(), Path(data_root).resolve()
     check_parallel(config, data_root, workers, cpus_per_worker)
     if is_run(run_dir) and not overwrite:
         raise RunError(f"{run_dir} already holds a run; choose another --out or pass --overwrite")
@@ -140,6 +140,7 @@ def fit_data_parallel(
     shutil.rmtree(storage, ignore_errors=True)  # Train v2 would restore an older run of it
     loop = {
         "mode": "fit",
+        "cwd": os.getcwd(),
         "config": config.to_dict(),
         "run_dir": str(run_dir),
         "meta": meta,
@@ -232,6 +233,7 @@ def _worker(loop: dict[str, Any]) -> None:
     """A Ray Train worker: the fit (training.fit.train_run) or the equivalence steps."""
     import ray.train
 
+    enter_driver_folder(loop["cwd"])
     torch.set_num_threads(loop["threads"])
     context = ray.train.get_context()
     parallel = DataParallel(
@@ -422,7 +424,7 @@ def ddp_equivalence(
     (``batchnorm_train``: the caveat) and in eval mode (``batchnorm_eval``: rounding only).
     The top-level differences (``max_abs_param_diff``, ``max_rel_param_diff``, ...) are the
     training-mode ones: what a fit gets."""
-    data_root = Path(data_root)
+    data_root = Path(data_root).resolve()  # Ray Train workers run in another folder
     check_parallel(config, data_root, workers, cpus_per_worker)
     per_epoch = len(training_split(config, data_root).train) // config.batch_size
     epochs = math.ceil(steps / per_epoch)
@@ -431,6 +433,7 @@ def ddp_equivalence(
         _check_cpus(ray, workers, cpus_per_worker)
         loop = {
             "mode": "equivalence",
+            "cwd": os.getcwd(),
             "config": config.to_dict(),
             "data": str(data_root),
             "epochs": epochs,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rstpm.cluster.connect import ClusterError, ray_session
+from rstpm.cluster.connect import ClusterError, enter_driver_folder, ray_session
 from rstpm.config import Config
 from rstpm.data.images import DataError
 from rstpm.evaluation.bench import Cell, bench_cell, plan_cells, run_path, write_results
@@ -132,9 +133,13 @@ def _check_fits(ray: Any, num_cpus: int) -> None:
 
 @contextlib.contextmanager
 def _reach_token(runs_dir: Path) -> Iterator[Path]:
-    """A file in RUNS_DIR that every task must see (proof that its node shares the folder)."""
+    """A file in RUNS_DIR that every task must see (proof that its node shares the folder); its
+    last line is the driver's current folder, where the tasks run (relative paths)."""
     token = runs_dir / f".rstpm-reach-{uuid.uuid4().hex[:12]}"
-    token.write_text("rstpm --ray: every node must see this file; removed when the job ends\n")
+    token.write_text(
+        "rstpm --ray: every node must see this file; removed when the job ends\n"
+        f"{os.getcwd()}\n"
+    )
     try:
         yield token
     finally:
@@ -163,6 +168,7 @@ def _check_reach(token: Path) -> None:
             f"{token.parent} is not the driver's runs folder on node {_node_id()} (another disk at "
             "that path); put --out on a file system every node mounts at the same path"
         )
+    enter_driver_folder(token.read_text().splitlines()[-1])
 
 
 def _prefixed(log: Log, name: str) -> Log:
