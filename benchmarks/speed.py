@@ -24,14 +24,29 @@ Students start random (speed does not depend on training); teachers are the real
 
     python benchmarks/speed.py [--repeats 3] [--pool-refresh 5] [--threads N] [--image-size S]
                                [--no-onnx] [--no-openvino] [--inference-only] [--no-bf16]
+
+``--full-schedule`` instead times the default ``rstpm fit`` end to end (a subprocess: start,
+image loading, teacher cache, both stages with their synthesis, validations and checkpoints,
+calibration, writing the run) on ``--data`` (default bottle) for a short schedule, and projects
+the paper's 100 + 300 epochs (``--target``) from it: the run's time outside its epochs (plus
+the first epoch's excess over the others: warm-up) is paid once, each stage's mean epoch of the
+rest is paid per epoch. With ``--disc-pool-refresh N`` measure a multiple of N U-Net epochs.
+
+    python benchmarks/speed.py --full-schedule [--data DIR] [--epochs 3] [--disc-epochs 3]
+        [--target 100 300] [--fit-args "--disc-pool-refresh 5"] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
+import shlex
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -241,6 +256,87 @@ def training_epochs(
     )
 
 
+def per_epoch_seconds(seconds: list[float]) -> tuple[float, float]:
+    """(mean seconds of an epoch, the first epoch's excess over it): the first epoch pays the
+    allocator's and the kernels' warm-up once, so it is left out of the mean when others exist."""
+    if not seconds:
+        return 0.0, 0.0
+    if len(seconds) == 1:
+        return seconds[0], 0.0
+    mean = statistics.mean(seconds[1:])
+    return mean, seconds[0] - mean
+
+
+def project_schedule(wall: float, log: list[dict], target: tuple[int, int]) -> dict[str, float]:
+    """The projected wall time of ``target`` (student, U-Net) epochs from a fit that took
+    ``wall`` seconds with the epochs of ``log`` (train_log.jsonl records)."""
+    stages = {}
+    for stage in ("students", "discriminative"):
+        seconds = [r["seconds"] for r in log if r["stage"] == stage]
+        mean, excess = per_epoch_seconds(seconds)
+        stages[stage] = {
+            "epochs": len(seconds),
+            "sum": sum(seconds),
+            "mean": mean,
+            "excess": excess,
+        }
+    fixed = wall - sum(s["sum"] for s in stages.values())
+    fixed += sum(s["excess"] for s in stages.values())
+    students, disc = stages["students"], stages["discriminative"]
+    return {
+        "wall": wall,
+        "fixed": fixed,
+        "student_epoch": students["mean"],
+        "disc_epoch": disc["mean"],
+        "projected": fixed + target[0] * students["mean"] + target[1] * disc["mean"],
+    }
+
+
+def full_schedule(args: argparse.Namespace) -> None:
+    """``--full-schedule``: time the default ``rstpm fit`` and project ``--target`` epochs."""
+    data = args.data or (BOTTLE if BOTTLE.is_dir() else None)
+    if data is None:
+        raise SystemExit("speed.py --full-schedule: give --data (bottle is not in ../shared/data)")
+    extra = shlex.split(args.fit_args)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        command = [
+            sys.executable,
+            "-m",
+            "rstpm",
+            "fit",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--epochs",
+            str(args.epochs),
+            "--disc-epochs",
+            str(args.disc_epochs),
+            "--quiet",
+            *extra,
+        ]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env=env)
+        wall = time.perf_counter() - started
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        info = json.loads((run / "run.json").read_text())
+    target = tuple(args.target)
+    result = project_schedule(wall, log, target)
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {args.threads} threads; precision {info['precision']}\n"
+        f"rstpm fit --data {data} --epochs {args.epochs} --disc-epochs {args.disc_epochs} "
+        f"{' '.join(extra)}\n"
+        f"  measured: {wall:.0f} s end to end; once per fit {result['fixed']:.0f} s; "
+        f"student epoch {result['student_epoch']:.1f} s; U-Net epoch {result['disc_epoch']:.1f} s\n"
+        f"  projected {target[0]} + {target[1]} epochs: {result['projected'] / 60:.1f} min "
+        f"(a projection: checkpoints every --checkpoint-interval and the validations are inside "
+        f"the epochs' times)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="rstpm speed benchmark (not a test)")
     parser.add_argument("--image-size", type=int, default=256)
@@ -258,8 +354,21 @@ def main() -> None:
         help="no torch bf16 matmul peak or inference rows (a CPU without native bf16 emulates "
         "them, ~50x slower than fp32); OpenVINO's bf16 rows stay",
     )
+    parser.add_argument(
+        "--full-schedule",
+        action="store_true",
+        help="time the default `rstpm fit` end to end and project --target epochs",
+    )
+    parser.add_argument("--data", type=Path, help="--full-schedule: the category (bottle)")
+    parser.add_argument("--epochs", type=int, default=3, help="--full-schedule: student epochs")
+    parser.add_argument("--disc-epochs", type=int, default=3, help="--full-schedule: U-Net")
+    parser.add_argument("--target", type=int, nargs=2, default=(100, 300), metavar=("S", "D"))
+    parser.add_argument("--fit-args", default="", help="--full-schedule: more `rstpm fit` flags")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.full_schedule:
+        full_schedule(args)
+        return
     size, repeats = args.image_size, args.repeats
 
     print(
