@@ -54,19 +54,15 @@ from rstpm.inference.detector import Detector
 from rstpm.inference.predict import expand_inputs, predict_paths
 from rstpm.training.fit import fit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling timing.py
+from timing import cpu_model  # noqa: E402
+
 NODES = (1, 2, 4, 8, 16)
 
 
 def machine() -> str:
     """The CPU model, cores and torch version: every timing is stated with it."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model(platform.processor() or platform.machine())
     return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def images_per_second(step: Callable[[], int], calls: int = 3, seconds: float = 1.0) -> float:
@@ -19,3 +20,14 @@ def images_per_second(step: Callable[[], int], calls: int = 3, seconds: float = 
         elapsed = time.perf_counter() - started
         if n >= calls and elapsed >= seconds:
             return images / elapsed
+
+
+def cpu_model(default: str = "?") -> str:
+    """The CPU's model name from /proc/cpuinfo (``default`` where it is not there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default
