@@ -393,8 +393,10 @@ class Schedule:
     pool_refresh: int = 1
 
     def counts(self, config: Config) -> dict[str, float]:
-        student_steps = math.ceil(self.train_images / config.batch_size)
-        disc_steps = math.ceil(self.train_images / config.disc_batch_size)
+        """Steps of the profiled batch sizes, fractional: an epoch's last, smaller batch costs
+        its share of a full one (time is taken as proportional to the images)."""
+        student_steps = self.train_images / config.batch_size
+        disc_steps = self.train_images / config.disc_batch_size
         pools = math.ceil(self.disc_epochs / self.pool_refresh)
         return {
             "students": student_steps * self.student_epochs,
@@ -419,7 +421,7 @@ def schedule_rows(steps: list[StepProfile], counts: dict[str, float]) -> dict[st
 
 def kind_table(ops: OpProfile, peak: float) -> list[str]:
     """Seconds, share, GFLOP, GFLOP/s and the fraction of the matmul ``peak`` per kind."""
-    header = f"{'kind':<27}{'seconds':>10}{'share':>8}{'GFLOP':>10}{'GFLOP/s':>9}{'of peak':>9}"
+    header = f"{'kind':<27}{'seconds':>10}{'share':>8}{'GFLOP':>12}{'GFLOP/s':>9}{'of peak':>9}"
     lines = [f"    {header}"]
     for kind in KINDS:
         t = ops.kinds.get(kind)
@@ -429,7 +431,7 @@ def kind_table(ops: OpProfile, peak: float) -> list[str]:
         rate = t.flops / 1e9 / seconds if seconds > 0 and t.flops else 0.0
         share = seconds / max(ops.seconds, 1e-12)
         lines.append(
-            f"    {kind:<27}{seconds:10.3f}{share:8.1%}{t.flops / 1e9:10.2f}"
+            f"    {kind:<27}{seconds:10.3f}{share:8.1%}{t.flops / 1e9:12.1f}"
             f"{rate:9.1f}{(f'{rate / peak:.1%}' if rate else '-'):>9}"
         )
     return lines

@@ -76,7 +76,9 @@ def test_operation_kinds(name: str, kind: str) -> None:
 def test_schedule_counts_steps_of_the_paper_schedule() -> None:
     config = profile_fit.Config(preset="lite")  # batch 32, U-Net batch 16
     schedule = profile_fit.Schedule(train_images=167, pool_refresh=5)
-    assert schedule.counts(config) == {"students": 6 * 100, "pool": 11 * 60, "U-Net": 11 * 300}
+    assert schedule.counts(config) == pytest.approx(
+        {"students": 167 / 32 * 100, "pool": 167 / 16 * 60, "U-Net": 167 / 16 * 300}
+    )
 
 
 def test_the_profile_runs_and_its_schedule_adds_up(tmp_path: Path) -> None:
