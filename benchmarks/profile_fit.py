@@ -56,7 +56,8 @@ from rstpm.data.synthetic import make_synthetic_category
 from rstpm.runs.teachers import build_model
 from rstpm.training.discriminator import reduce_masks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling timing.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling speed.py, timing.py
+from speed import matmul_peak  # noqa: E402
 from timing import cpu_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -435,17 +436,6 @@ def kind_table(ops: OpProfile, peak: float) -> list[str]:
             f"{rate:9.1f}{(f'{rate / peak:.1%}' if rate else '-'):>9}"
         )
     return lines
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(times)[repeats // 2] / 1e9
 
 
 def load_images(data: Path | None, size: int, count: int) -> tuple[torch.Tensor, str]:
