@@ -228,10 +228,6 @@ class OpProfile:
     def seconds(self) -> float:
         return sum(t.seconds for t in self.kinds.values())
 
-    @property
-    def flops(self) -> float:
-        return sum(t.flops for t in self.kinds.values())
-
 
 class OpTimer(TorchDispatchMode):
     """Times each aten operation below autograd (forward and backward alike) and counts its
@@ -408,8 +404,8 @@ class Schedule:
 
 def schedule_rows(steps: list[StepProfile], counts: dict[str, float]) -> dict[str, Any]:
     """Each step's share of the schedule, and the schedule's time per operation kind."""
-    total = sum(s.seconds * counts[s.name] for s in steps)
     per_step = {s.name: s.seconds * counts[s.name] for s in steps}
+    total = sum(per_step.values())
     kinds = OpProfile()
     for s in steps:
         # the operation profile scaled so that it sums to the step's measured network time
