@@ -36,8 +36,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from rstpm.data.dataset import load_all_images
 from rstpm.data.layout import list_train_samples
 from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
 from rstpm.data.synthetic import make_synthetic_category
+from rstpm.hardware import torch_threads
 from rstpm.runs.teachers import build_model
 from rstpm.training.discriminator import reduce_masks
 
@@ -261,16 +261,6 @@ class StepProfile:
         return sum(self.phases.values())
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def median_phases(step: Callable[[], dict[str, float]], repeats: int) -> dict[str, float]:
     step()  # warm-up: allocations, oneDNN primitives
     runs = [step() for _ in range(repeats)]
@@ -319,7 +309,7 @@ def pool_step(
         nonlocal anomalous
         phases: dict[str, float] = {}
         model.eval()
-        with one_thread():
+        with torch_threads(1):
             anomalous, masks = timed(
                 phases, "synthesis", lambda: synthesizer.batch(images, generator)
             )

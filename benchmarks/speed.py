@@ -64,6 +64,7 @@ from rstpm.data.dataset import load_all_images
 from rstpm.data.layout import list_train_samples
 from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
 from rstpm.data.synthetic import make_synthetic_category
+from rstpm.hardware import torch_threads
 from rstpm.runs.teachers import build_model
 from rstpm.training.discriminator import reduce_masks
 
@@ -158,12 +159,8 @@ def pool_step(
         model.eval()
         model.set_precision(precision)
         model.set_channels_last(channels_last)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             anomalous, masks = synthesizer.batch(images, generator)
-        finally:
-            torch.set_num_threads(threads)
         with torch.no_grad():
             model.discriminator.raw_inputs(model(anomalous))
         reduce_masks(masks, (map_side, map_side))

@@ -10,7 +10,7 @@ import torch
 
 from rstpm.config import Config
 from rstpm.core.precision import choose_precision
-from rstpm.hardware import CPU_FLAGS_ENV, cpu_flags, parse_cpuinfo_flags
+from rstpm.hardware import CPU_FLAGS_ENV, cpu_flags, parse_cpuinfo_flags, torch_threads
 from rstpm.runs.run_dir import load_run, load_weights
 from rstpm.training.fit import fit
 
@@ -22,6 +22,17 @@ flags\t\t: fpu sse2
 """
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
 ARM = "processor\t: 0\nFeatures\t: fp asimd bf16\n"
+
+
+def test_torch_threads_restores_the_count_also_after_an_error() -> None:
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with torch_threads(target):
+        assert torch.get_num_threads() == target
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(target):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
 
 
 def test_cpuinfo_flags_of_the_first_processor() -> None:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from rstpm.core.precision import PrecisionChoice, choose_precision
 
@@ -47,3 +51,15 @@ def cpu_flags() -> frozenset[str]:
 def resolve_precision(requested: str, channels_last: bool = False) -> PrecisionChoice:
     """``requested`` (auto / fp32 / bf16) resolved on this machine."""
     return choose_precision(requested, cpu_flags(), channels_last)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads, then restore the previous count (also
+    when the block raises)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -78,7 +78,7 @@ from rstpm.cluster.connect import ClusterError, enter_driver_folder, ray_session
 from rstpm.config import Config
 from rstpm.data.dataset import load_all_images
 from rstpm.data.images import DataError
-from rstpm.hardware import CPU_FLAGS_ENV, resolve_precision
+from rstpm.hardware import CPU_FLAGS_ENV, resolve_precision, torch_threads
 from rstpm.runs.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from rstpm.runs.files import RunError, read_json
 from rstpm.runs.run_dir import RUN_FILE, is_run, read_config
@@ -464,13 +464,9 @@ def _one_process(
     """The reference in this process (world size 1, the same global batches), for both
     BatchNorm modes, and the initial parameters."""
     single = DataParallel(rank=0, world_size=1, seed=config.seed)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         start = student_steps(config, data_root, 0, single, "train")
         reference = {
             bn: student_steps(config, data_root, epochs, single, bn) for bn in ("train", "eval")
         }
-    finally:
-        torch.set_num_threads(before)
     return reference, start

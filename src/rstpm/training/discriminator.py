@@ -24,6 +24,7 @@ from rstpm.config import Config
 from rstpm.core.focal_loss import focal_loss
 from rstpm.core.model import RSTPM
 from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
+from rstpm.hardware import torch_threads
 from rstpm.runs.checkpoint import optimizer_tensors, restore_optimizer
 from rstpm.training.loop import Resume, Tensors, check_finite
 from rstpm.training.parallel import DataParallel
@@ -56,12 +57,8 @@ def make_pool(
     batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-anomalies of ``images`` and their U-Net inputs and targets at the map size."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the synthesis works on small tensors: one thread is faster
-    try:
+    with torch_threads(1):  # the synthesis works on small tensors: one thread is faster
         anomalous, masks = synthesizer.batch(images, generator)
-    finally:
-        torch.set_num_threads(threads)
     inputs = discriminator_inputs(model, anomalous, batch_size)
     return inputs, reduce_masks(masks, model.discriminator.map_size)
 
