@@ -173,7 +173,8 @@ TABLE_HEAD = (
 
 def markdown(report: dict[str, Any]) -> str:
     """The whole report as markdown: one table per category, then the configurations."""
-    lines = [f"# rstpm vs anomalib {report.get('anomalib_version', '2.7')}", ""]
+    version = report.get("anomalib_version") or "(no anomalib method run)"
+    lines = [f"# rstpm vs anomalib {version}", ""]
     machine = report.get("machine", {})
     lines.append(
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "

@@ -84,6 +84,10 @@ def test_result_row_and_markdown() -> None:
     }
     text = peers.markdown(report)
     assert "## bottle" in text and "## transistor" in text and "* a note" in text
+    assert text.startswith("# rstpm vs anomalib (no anomalib method run)")
+    assert peers.markdown({**report, "anomalib_version": "2.7.0"}).startswith(
+        "# rstpm vs anomalib 2.7.0"
+    )
     n_columns = peers.TABLE_HEAD.splitlines()[0].count("|")
     assert all(line.count("|") == n_columns for line in text.splitlines() if line.startswith("| "))
 
