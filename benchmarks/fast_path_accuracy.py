@@ -18,16 +18,16 @@ processes at once (``--only exact`` / ``--only optimised``) and tabulated by a t
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 
 from rstpm.config import Config
 from rstpm.core.fusion import VARIANTS
-from rstpm.evaluation.evaluate import test_variants
-from rstpm.runs.run_dir import RUN_FILE
-from rstpm.training.fit import fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling cached_runs.py
+from cached_runs import fit_and_test  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 
@@ -51,17 +51,8 @@ def paths(args: argparse.Namespace) -> dict[str, Config]:
 
 
 def train_and_test(name: str, config: Config, args: argparse.Namespace) -> dict[str, dict]:
-    run = args.out / name
-    if not (run / RUN_FILE).is_file():
-        info = fit(config, args.data, run, progress=False)
-        print(f"{name}: trained in {info['total_seconds']:.0f} s", flush=True)
-    outs = [args.out / f"{name}-test" / v for v in VARIANTS]
-    if not all((o / "metrics.json").is_file() for o in outs):
-        test_variants(run, args.data, VARIANTS, outs, progress=False)
-    return {
-        v: json.loads((o / "metrics.json").read_text())["overall"]
-        for v, o in zip(VARIANTS, outs, strict=True)
-    }
+    tests = {v: args.out / f"{name}-test" / v for v in VARIANTS}
+    return fit_and_test(config, args.data, args.out / name, tests, label=name)
 
 
 def main() -> None:

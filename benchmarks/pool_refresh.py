@@ -13,7 +13,11 @@ Finished runs and evaluations under OUT are reused: an interrupted measurement c
 
     python benchmarks/pool_refresh.py --data ../shared/data/mvtec_ad/bottle \\
         ../shared/data/mvtec_ad/transistor --out runs/pool-refresh --seeds 0 1 \\
-        --refresh 1 5 10 --epochs 10 --disc-epochs 20 --anomaly-source ../shared/data/dtd/images
+        --refresh 1 5 10 --epochs 10 --disc-epochs 15 --anomaly-source ../shared/data/dtd/images
+
+The schedule is benchmarks/peers.py's for rstpm (10 + 15 epochs, seed 0, same defaults), so a
+finished peers run may stand in as seed 0's refresh-1 run: copy ``runs/peers/<category>/rstpm/run``
+to ``OUT/<category>/seed0/refresh1``.
 """
 
 from __future__ import annotations
@@ -28,11 +32,10 @@ from typing import Any
 import torch
 
 from rstpm.config import Config
-from rstpm.evaluation.evaluate import test_variants
 from rstpm.runs.run_dir import RUN_FILE
-from rstpm.training.fit import fit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling timing.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from cached_runs import fit_and_test  # noqa: E402
 from timing import cpu_model  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -66,19 +69,17 @@ def measure(args: argparse.Namespace, data: Path, seed: int, refresh: int) -> di
     """Train (unless finished) and test one run; its metrics per variant and stage minutes."""
     run = args.out / data.name / f"seed{seed}" / f"refresh{refresh}"
     base = args.out / data.name / f"seed{seed}" / f"refresh{args.refresh[0]}"
-    if not (run / RUN_FILE).is_file():
-        students_from = None if run == base else base
-        fit(config_for(args, seed, refresh), data, run, progress=False, students_from=students_from)
-        print(f"{data.name} seed {seed} refresh {refresh}: trained", flush=True)
-    outs = [run / "test" / v for v in VARIANTS]
-    if not all((o / "metrics.json").is_file() for o in outs):
-        test_variants(run, data, VARIANTS, outs, progress=False)
+    overall = fit_and_test(
+        config_for(args, seed, refresh),
+        data,
+        run,
+        {v: run / "test" / v for v in VARIANTS},
+        students_from=None if run == base else base,
+        label=f"{data.name} seed {seed} refresh {refresh}",
+    )
     info = json.loads((run / RUN_FILE).read_text())
     return {
-        "metrics": {
-            v: {m: json.loads((o / "metrics.json").read_text())["overall"][m] for m in METRICS}
-            for v, o in zip(VARIANTS, outs, strict=True)
-        },
+        "metrics": {v: {m: overall[v][m] for m in METRICS} for v in VARIANTS},
         "unet_stage_minutes": stage_minutes(info, args.disc_epochs),
     }
 
@@ -162,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--refresh", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--disc-epochs", type=int, default=20)
+    parser.add_argument("--disc-epochs", type=int, default=15)
     parser.add_argument("--preset", default="lite")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -178,13 +179,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    summaries = {}
-    for data in args.data:
-        results = {
-            seed: {refresh: measure(args, data, seed, refresh) for refresh in args.refresh}
-            for seed in args.seeds
-        }
-        summaries[data.name] = summarise(results)
+    # Seed-major: an interrupted measurement already holds every category at the first seeds.
+    results: dict[str, dict[int, dict[int, dict[str, Any]]]] = {d.name: {} for d in args.data}
+    for seed in args.seeds:
+        for data in args.data:
+            results[data.name][seed] = {r: measure(args, data, seed, r) for r in args.refresh}
+    summaries = {name: summarise(by_seed) for name, by_seed in results.items()}
     print(
         f"\n{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"preset {args.preset}, precision {args.precision}, "
