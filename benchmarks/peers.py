@@ -44,8 +44,13 @@ WORKER = HERE / "peers_anomalib_worker.py"
 METHODS = ("rstpm", "stfpm", "rd", "draem", "patchcore")
 PEERS = METHODS[1:]
 LITE0_HUB_ID = "timm/tf_efficientnet_lite0.in1k"
-ANOMALIB_REQUIREMENTS = ("anomalib==2.7.*", "torch==2.14.1", "torchvision==0.29.1",
-                         "huggingface-hub", "safetensors")
+ANOMALIB_REQUIREMENTS = (
+    "anomalib==2.7.*",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "huggingface-hub",
+    "safetensors",
+)
 
 Triple = tuple[float | None, float | None, float | None]
 
@@ -209,8 +214,10 @@ def run_logged(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None)
     seconds = time.perf_counter() - started
     if code != 0:
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-        raise PeersError(f"{Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''} failed "
-                         f"(exit {code}): {tail[0] if tail else 'no output'} (log: {log})")
+        raise PeersError(
+            f"{Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''} failed "
+            f"(exit {code}): {tail[0] if tail else 'no output'} (log: {log})"
+        )
     return seconds
 
 
@@ -260,14 +267,16 @@ def build_hf_cache(cache: Path) -> Path:
 
 def hub_env(cache: Path, threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "HF_HUB_CACHE": str(cache),
-        "HF_HOME": str(cache.parent / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "TQDM_DISABLE": "1",  # anomalib's coreset progress bar would fill the log
-        **thread_env(threads),
-    })
+    env.update(
+        {
+            "HF_HUB_CACHE": str(cache),
+            "HF_HOME": str(cache.parent / "hf_home"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "TQDM_DISABLE": "1",  # anomalib's coreset progress bar would fill the log
+            **thread_env(threads),
+        }
+    )
     return env
 
 
@@ -331,7 +340,9 @@ def load_test_set(category_dir: Path) -> TestSet:
     samples = list_test_samples(category_dir)
     sizes = [image_size(s.path) for s in samples]
     return TestSet(
-        [str(s.path) for s in samples], sizes, load_masks(samples, sizes),
+        [str(s.path) for s in samples],
+        sizes,
+        load_masks(samples, sizes),
         [s.defect_type for s in samples],
     )
 
@@ -406,8 +417,10 @@ def rstpm_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def rstpm_short(config: dict[str, Any]) -> str:
     source = "DTD" if config["anomaly_source"] != "procedural" else "procedural"
-    return (f"students {config['epochs']} ep, U-Net {config['disc_epochs']} ep, 256 px, "
-            f"{source} pseudo-anomalies")
+    return (
+        f"students {config['epochs']} ep, U-Net {config['disc_epochs']} ep, 256 px, "
+        f"{source} pseudo-anomalies"
+    )
 
 
 RSTPM_DESCRIPTION = (
@@ -424,16 +437,42 @@ def run_rstpm(category_dir: Path, out: Path, test: TestSet, args: argparse.Names
         raise PeersError(f"{rstpm} not found: run this script with rstpm's venv python")
     config = rstpm_config(args)
     run_dir, test_dir = out / "run", out / "test"
-    fit = [str(rstpm), "fit", "--data", str(category_dir), "--out", str(run_dir),
-           "--epochs", str(config["epochs"]), "--disc-epochs", str(config["disc_epochs"]),
-           "--seed", str(args.seed), "--overwrite", "--quiet"]
+    fit = [
+        str(rstpm),
+        "fit",
+        "--data",
+        str(category_dir),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        str(config["epochs"]),
+        "--disc-epochs",
+        str(config["disc_epochs"]),
+        "--seed",
+        str(args.seed),
+        "--overwrite",
+        "--quiet",
+    ]
     if config["anomaly_source"] != "procedural":
         fit += ["--anomaly-source", config["anomaly_source"]]
     fit += shlex.split(args.rstpm_args)
     env = {**os.environ, **thread_env(args.threads)}
     fit_seconds = run_logged(fit, out / "fit.log", env)
-    run_logged([str(rstpm), "test", "--run", str(run_dir), "--data", str(category_dir),
-                "--out", str(test_dir), "--quiet"], out / "test.log", env)
+    run_logged(
+        [
+            str(rstpm),
+            "test",
+            "--run",
+            str(run_dir),
+            "--data",
+            str(category_dir),
+            "--out",
+            str(test_dir),
+            "--quiet",
+        ],
+        out / "test.log",
+        env,
+    )
     metrics = json.loads((test_dir / "metrics.json").read_text())
     run_json = json.loads((run_dir / "run.json").read_text())
     from rstpm.evaluation.paper_results import FULL_BY_CATEGORY
@@ -460,8 +499,12 @@ def run_rstpm(category_dir: Path, out: Path, test: TestSet, args: argparse.Names
 
 def peer_config(method: str, args: argparse.Namespace, budget: float | None) -> dict[str, Any]:
     schedule = PEER_SCHEDULE[method]
-    planned = {"stfpm": args.stfpm_epochs, "rd": args.rd_epochs, "draem": args.draem_epochs,
-               "patchcore": 1}[method]
+    planned = {
+        "stfpm": args.stfpm_epochs,
+        "rd": args.rd_epochs,
+        "draem": args.draem_epochs,
+        "patchcore": 1,
+    }[method]
     epochs = 1 if method == "patchcore" else scaled_epochs(planned, args.epochs_scale)
     if args.quick:
         epochs = 1
@@ -492,11 +535,24 @@ def peer_short(method: str, config: dict[str, Any]) -> str:
     return f"{config['epochs']} ep{cap}, b{config['batch_size']}, 256 px, {layers}{extra}"
 
 
-def run_peer(method: str, category_dir: Path, out: Path, test: TestSet, ctx: dict[str, Any],
-             config: dict[str, Any], threads: int) -> dict[str, Any]:
-    spec = {"method": method, "category_dir": str(category_dir), "test_images": test.paths,
-            "weights_file": str(ctx["weights"]), "threads": threads,
-            "speed_calls": ctx["speed_calls"], **config}
+def run_peer(
+    method: str,
+    category_dir: Path,
+    out: Path,
+    test: TestSet,
+    ctx: dict[str, Any],
+    config: dict[str, Any],
+    threads: int,
+) -> dict[str, Any]:
+    spec = {
+        "method": method,
+        "category_dir": str(category_dir),
+        "test_images": test.paths,
+        "weights_file": str(ctx["weights"]),
+        "threads": threads,
+        "speed_calls": ctx["speed_calls"],
+        **config,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec, indent=1))
     cmd = [ctx["python"], str(WORKER), "--spec", str(out / "spec.json"), "--out", str(out)]
@@ -536,30 +592,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rstpm-epochs", type=int, default=100, help="students (paper: 100)")
     p.add_argument("--rstpm-disc-epochs", type=int, default=300, help="U-Net (paper: 300)")
     p.add_argument("--rstpm-args", default="", help="extra `rstpm fit` options, one string")
-    p.add_argument("--rstpm-procedural", action="store_true",
-                   help="rstpm's default procedural pseudo-anomalies instead of DTD")
+    p.add_argument(
+        "--rstpm-procedural",
+        action="store_true",
+        help="rstpm's default procedural pseudo-anomalies instead of DTD",
+    )
     p.add_argument("--stfpm-epochs", type=int, default=PEER_SCHEDULE["stfpm"]["epochs"])
     p.add_argument("--rd-epochs", type=int, default=PEER_SCHEDULE["rd"]["epochs"])
     p.add_argument("--draem-epochs", type=int, default=PEER_SCHEDULE["draem"]["epochs"])
-    p.add_argument("--coreset-ratio", type=float, default=None,
-                   help="PatchCore (default 0.1, anomalib's; --quick: 0.001)")
-    p.add_argument("--epochs-scale", type=float, default=1.0,
-                   help="multiply the peers' epochs (smoke runs)")
-    p.add_argument("--budget-minutes", type=parse_budget, default="rstpm",
-                   help="wall-time cap of each trained peer's fit: minutes, 'rstpm' (rstpm's "
-                   "fit time on the category, the default) or 'none'")
-    p.add_argument("--dtd", type=Path, default=None,
-                   help="DTD texture folder for DRAEM and rstpm (default DATA_ROOT/../dtd/images)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 epoch everywhere, rstpm 1 + 1, PatchCore coreset 0.001")
+    p.add_argument(
+        "--coreset-ratio",
+        type=float,
+        default=None,
+        help="PatchCore (default 0.1, anomalib's; --quick: 0.001)",
+    )
+    p.add_argument(
+        "--epochs-scale", type=float, default=1.0, help="multiply the peers' epochs (smoke runs)"
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=parse_budget,
+        default="rstpm",
+        help="wall-time cap of each trained peer's fit: minutes, 'rstpm' (rstpm's "
+        "fit time on the category, the default) or 'none'",
+    )
+    p.add_argument(
+        "--dtd",
+        type=Path,
+        default=None,
+        help="DTD texture folder for DRAEM and rstpm (default DATA_ROOT/../dtd/images)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 epoch everywhere, rstpm 1 + 1, PatchCore coreset 0.001",
+    )
     p.add_argument("--peers-venv", type=Path, default=REPO / ".venv-peers")
     p.add_argument("--no-install", action="store_true", help="never create the anomalib venv")
     p.add_argument("--num-workers", type=int, default=0, help="anomalib dataloader workers")
-    p.add_argument("--speed-calls", type=int, default=3,
-                   help="timed calls per throughput figure (after warm-up; --quick: 1)")
+    p.add_argument(
+        "--speed-calls",
+        type=int,
+        default=3,
+        help="timed calls per throughput figure (after warm-up; --quick: 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse a method's finished result when its configuration is unchanged")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a method's finished result when its configuration is unchanged",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rstpm_epochs, args.rstpm_disc_epochs, args.speed_calls = 1, 1, 1
@@ -591,8 +673,13 @@ def check_inputs(args: argparse.Namespace) -> list[Path]:
 
 def machine() -> dict[str, Any]:
     cpu = cpu_model(platform.processor() or "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch_rstpm_venv": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch_rstpm_venv": torch.__version__,
+    }
 
 
 def reused(path: Path, config: dict[str, Any], enabled: bool) -> dict[str, Any] | None:
@@ -621,8 +708,14 @@ def run_category(category: Path, args: argparse.Namespace, ctx: dict[str, Any]) 
                 result["other_processes_cores"] = other.cores
             except PeersError as error:  # the table goes on; the row says what failed
                 print(f"peers: {error}", file=sys.stderr)
-                results.append({"method": method, "category": category.name, "config": config,
-                                "error": str(error)})
+                results.append(
+                    {
+                        "method": method,
+                        "category": category.name,
+                        "config": config,
+                        "error": str(error),
+                    }
+                )
                 continue
             result["category"] = category.name
             (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -649,12 +742,16 @@ def notes(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]:
     ]
     others = [r["other_processes_cores"] for r in results if r.get("other_processes_cores")]
     if others and max(others) > 0.2:
-        items.append(f"Other processes kept up to {max(others):.1f} cores busy (mean over a "
-                     "method's fit, test and timing): the CPU was shared, times are pessimistic "
-                     "and not comparable between methods.")
+        items.append(
+            f"Other processes kept up to {max(others):.1f} cores busy (mean over a "
+            "method's fit, test and timing): the CPU was shared, times are pessimistic "
+            "and not comparable between methods."
+        )
     if args.quick or args.epochs_scale != 1.0:
-        items.append("SMOKE RUN (--quick / --epochs-scale): schedules far below the published "
-                     "ones; the accuracy numbers mean nothing.")
+        items.append(
+            "SMOKE RUN (--quick / --epochs-scale): schedules far below the published "
+            "ones; the accuracy numbers mean nothing."
+        )
     return items
 
 
@@ -666,8 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         ctx: dict[str, Any] = {"speed_calls": args.speed_calls}
         if any(m in PEERS for m in args.methods):
-            ctx.update(ensure_peers_venv(args.peers_venv, not args.no_install,
-                                         args.out / "install.log"))
+            ctx.update(
+                ensure_peers_venv(args.peers_venv, not args.no_install, args.out / "install.log")
+            )
             ctx["cache"] = (args.out / "hf_cache").resolve()
             ctx["weights"] = build_hf_cache(ctx["cache"])
         results = [r for c in categories for r in run_category(c, args, ctx)]
@@ -686,8 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "epochs_scale": args.epochs_scale,
         "results": results,
-        "configurations": {m: ({"rstpm": RSTPM_DESCRIPTION} | PEER_DESCRIPTION)[m]
-                           for m in args.methods},
+        "configurations": {
+            m: ({"rstpm": RSTPM_DESCRIPTION} | PEER_DESCRIPTION)[m] for m in args.methods
+        },
     }
     report["notes"] = notes(args, results)
     text = markdown(report)

@@ -59,10 +59,12 @@ def lite0_pre_processor(image_size: int) -> Any:
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
     cfg = timm.models.get_pretrained_cfg(f"{LITE0}.in1k").to_dict()
-    transform = Compose([
-        Resize((image_size, image_size), antialias=True),
-        Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])),
-    ])
+    transform = Compose(
+        [
+            Resize((image_size, image_size), antialias=True),
+            Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])),
+        ]
+    )
     return PreProcessor(transform=transform)
 
 
@@ -343,8 +345,16 @@ def speed(module: Any, paths: Sequence[str], calls: int = 3) -> dict[str, float]
 # --------------------------------------------------------------------------------------------
 
 
-REQUIRED = ("method", "category_dir", "test_images", "weights_file", "image_size", "epochs",
-            "batch_size", "threads")
+REQUIRED = (
+    "method",
+    "category_dir",
+    "test_images",
+    "weights_file",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "threads",
+)
 
 
 def read_spec(path: Path) -> dict[str, Any]:

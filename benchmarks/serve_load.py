@@ -122,8 +122,16 @@ def train_tiny_run(root: Path) -> tuple[Path, Path]:
     """A run trained in seconds on a generated 64-pixel dataset, and that dataset."""
     data = make_synthetic_category(root / "data", n_train=20, size=64, seed=0)
     run = root / "run"
-    Detector.fit(data, run, epochs=1, batch_size=8, image_size=64, disc_epochs=1,
-                 disc_batch_size=8, false_alarm_rate=0.05)
+    Detector.fit(
+        data,
+        run,
+        epochs=1,
+        batch_size=8,
+        image_size=64,
+        disc_epochs=1,
+        disc_batch_size=8,
+        false_alarm_rate=0.05,
+    )
     return run, data / "test"
 
 
@@ -137,9 +145,22 @@ def start_server(args: argparse.Namespace, run: Path, log: Path) -> tuple[subpro
     """`rstpm serve` in a subprocess; returns once /readyz answers 200."""
     port = free_port()
     command = [
-        sys.executable, "-m", "rstpm", "serve", "--run", f"{NAME}={run}", "--port", str(port),
-        "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-        "--queue-size", str(args.queue_size), "--backend", args.backend,
+        sys.executable,
+        "-m",
+        "rstpm",
+        "serve",
+        "--run",
+        f"{NAME}={run}",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--queue-size",
+        str(args.queue_size),
+        "--backend",
+        args.backend,
     ]
     env = {k: v for k, v in os.environ.items() if k != "RSTPM_API_KEY"}
     if args.threads:
@@ -265,8 +286,10 @@ def compare_predict(url: str, detector: Detector, folder: Path, deadline: float)
             continue
         diffs.append(abs(answer["score"] - record["score"]))
         if diffs[-1] > 1e-5 or answer["verdict"] != record["verdict"]:
-            bad.append(f"{path}: served {answer['score']} {answer['verdict']}, "
-                       f"predict {record['score']} {record['verdict']}")
+            bad.append(
+                f"{path}: served {answer['score']} {answer['verdict']}, "
+                f"predict {record['score']} {record['verdict']}"
+            )
     worst = max(diffs, default=float("nan"))
     print(
         f"compare with Detector.predict: {len(paths)} images under {folder}; max |score "
@@ -301,9 +324,12 @@ def main() -> int:
     run, data = (args.run, args.data) if args.run else train_tiny_run(root)
     detector = Detector.load(run, backend=args.backend)
     if data is None:
-        data = make_synthetic_category(
-            root / "load", n_train=4, size=detector.config.image_size, seed=1
-        ) / "test"
+        data = (
+            make_synthetic_category(
+                root / "load", n_train=4, size=detector.config.image_size, seed=1
+            )
+            / "test"
+        )
     paths = list_images(data, recursive=True)
     goods = [upload_of(p) for p in paths]
     print(
@@ -312,16 +338,19 @@ def main() -> int:
         f"(variant {detector.variant}, {detector.config.image_size} px, backend {args.backend}); "
         f"{len(paths)} load images from {data}"
     )
-    rate = in_process_rate(detector, (paths * (args.requests // len(paths) + 1))[: args.requests],
-                           args.max_batch_size)
+    rate = in_process_rate(
+        detector, (paths * (args.requests // len(paths) + 1))[: args.requests], args.max_batch_size
+    )
     print(f"in-process Detector.predict, batch {args.max_batch_size}: {rate:.1f} images/s")
 
     process, url = start_server(args, run, root / "server.log")
     ok = True
     try:
         asyncio.run(load(url, goods[:4], 2, deadline))  # warm the connections and the worker
-        print(f"served at {url} (max batch {args.max_batch_size}, max wait {args.max_wait_ms} "
-              f"ms, queue {args.queue_size}):")
+        print(
+            f"served at {url} (max batch {args.max_batch_size}, max wait {args.max_wait_ms} "
+            f"ms, queue {args.queue_size}):"
+        )
         print("concurrency requests  img/s  ratio  p50 ms  p95 ms  p99 ms errors  503s mean batch")
         for concurrency in (int(c) for c in args.levels.split(",")):
             uploads = [goods[i % len(goods)] for i in range(args.requests)]

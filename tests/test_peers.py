@@ -157,8 +157,13 @@ def test_hf_cache_loads_offline_in_timm(tmp_path: Path) -> None:
         "sd = m.state_dict()\n"
         "assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in sd)\n"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "home")}
-    done = subprocess.run([sys.executable, "-c", code, str(weights)], env=env,
-                          capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "home"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(weights)], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]

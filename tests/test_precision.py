@@ -91,7 +91,10 @@ def test_auto_without_native_bf16_is_the_exact_path_bit_for_bit(
     fit(Config(**CONFIG), synthetic_category, tmp_path / "auto", progress=False)
     info = json.loads((tmp_path / "auto" / "run.json").read_text())
     assert info["precision"] == {
-        "requested": "auto", "precision": "fp32", "channels_last": False, "native_bf16": False
+        "requested": "auto",
+        "precision": "fp32",
+        "channels_last": False,
+        "native_bf16": False,
     }
     expected = load_weights(fp32_run / "weights.safetensors")
     actual = load_weights(tmp_path / "auto" / "weights.safetensors")

@@ -276,21 +276,37 @@ BAD = [
     ("no content type", lambda p: _raw(p.read_bytes(), None), 415, "content type"),
     ("body over the limit", lambda p: _raw(b"x" * 40_000), 413, "--max-body-mb"),
     ("chunked over the limit", lambda p: _raw(iter([b"x" * 20_000] * 2)), 413, "--max-body-mb"),
-    ("multipart without file", lambda p: {"files": {"im": ("a.png", p.read_bytes())}}, 400,
-     "no part 'file'"),
-    ("multipart text field", lambda p: {"data": {"file": "x"}, "files": {"o": ("a", b"1")}},
-     400, "text field"),
+    (
+        "multipart without file",
+        lambda p: {"files": {"im": ("a.png", p.read_bytes())}},
+        400,
+        "no part 'file'",
+    ),
+    (
+        "multipart text field",
+        lambda p: {"data": {"file": "x"}, "files": {"o": ("a", b"1")}},
+        400,
+        "text field",
+    ),
     ("multipart empty file", lambda p: {"files": {"file": ("a.png", b"")}}, 400, "empty"),
     ("malformed multipart", lambda p: _raw(b"--nothing", MULTIPART_JUNK), 400, "malformed"),
     ("bad query", lambda p: _raw(p.read_bytes(), url=f"{PREDICT}?overlay=jpeg"), 422, "overlay"),
-    ("unknown run", lambda p: _raw(p.read_bytes(), url="/v1/runs/nope/predict"), 404,
-     "unknown run 'nope'"),
+    (
+        "unknown run",
+        lambda p: _raw(p.read_bytes(), url="/v1/runs/nope/predict"),
+        404,
+        "unknown run 'nope'",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "request_of", "status", "words"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_a_json_4xx_and_the_next_request_is_served(
-    client: TestClient, images: list[Path], case: str, request_of: Callable, status: int,
+    client: TestClient,
+    images: list[Path],
+    case: str,
+    request_of: Callable,
+    status: int,
     words: str,
 ) -> None:
     good = images[0]
@@ -465,8 +481,13 @@ def test_a_full_queue_answers_503_with_retry_after(
         c = await _post(client, images[2])
         metrics = (await client.get("/metrics")).text
         gated.gate.set()
-        return {"a": await a, "b": await b, "c": c, "d": await _post(client, images[3]),
-                "metrics": metrics}
+        return {
+            "a": await a,
+            "b": await b,
+            "c": c,
+            "d": await _post(client, images[3]),
+            "metrics": metrics,
+        }
 
     out = in_app(app, scenario)
     assert out["c"].status_code == 503 and out["c"].headers["retry-after"] == "1"
@@ -476,9 +497,7 @@ def test_a_full_queue_answers_503_with_retry_after(
     assert metric(out["metrics"], "rstpm_images_in_flight", run="tiny") == 2
 
 
-def test_metrics_count_requests_latency_and_batches(
-    client: TestClient, images: list[Path]
-) -> None:
+def test_metrics_count_requests_latency_and_batches(client: TestClient, images: list[Path]) -> None:
     assert _post(client, images[0]).status_code == 200
     assert _post(client, images[0], url="/v1/runs/nope/predict").status_code == 404
     response = client.get("/metrics")
@@ -600,9 +619,7 @@ def test_serve_refuses_a_missing_run_in_one_line(
     assert err.count("\n") == 1
 
 
-def test_serve_refuses_a_port_in_use_in_one_line(
-    run: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_serve_refuses_a_port_in_use_in_one_line(run: Path, capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -647,7 +664,8 @@ def test_a_real_server_survives_a_client_that_hangs_up_mid_body(
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
         sock.sendall(
             f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            "Content-Length: 5000\r\n\r\n".encode() + images[0].read_bytes()[:100]
+            "Content-Length: 5000\r\n\r\n".encode()
+            + images[0].read_bytes()[:100]
         )
     with httpx.Client(base_url=live, timeout=WAIT) as client:
         assert client.get("/healthz").json() == {"status": "ok"}

@@ -768,7 +768,13 @@ def main(argv: list[str] | None = None) -> int:
         with _one_line_warnings(args.command):
             code = handlers[args.command](args)
     except (
-        DataError, WeightsError, RunError, TrainingError, ExportError, ClusterError, ValueError
+        DataError,
+        WeightsError,
+        RunError,
+        TrainingError,
+        ExportError,
+        ClusterError,
+        ValueError,
     ) as error:
         print(f"rstpm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -137,8 +137,7 @@ def _reach_token(runs_dir: Path) -> Iterator[Path]:
     last line is the driver's current folder, where the tasks run (relative paths)."""
     token = runs_dir / f".rstpm-reach-{uuid.uuid4().hex[:12]}"
     token.write_text(
-        "rstpm --ray: every node must see this file; removed when the job ends\n"
-        f"{os.getcwd()}\n"
+        f"rstpm --ray: every node must see this file; removed when the job ends\n{os.getcwd()}\n"
     )
     try:
         yield token

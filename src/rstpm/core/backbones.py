@@ -62,7 +62,6 @@ class FeaturePyramid(nn.Module):
         return features
 
 
-
 def freeze(module: nn.Module) -> nn.Module:
     """Teachers: no gradient, BatchNorm statistics fixed (eval mode is kept by the owner)."""
     module.eval()

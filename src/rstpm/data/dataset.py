@@ -146,8 +146,6 @@ def load_all_images(
     return out
 
 
-
-
 def load_masks(
     samples: Sequence[Sample], sizes: Sequence[tuple[int, int]]
 ) -> list[np.ndarray | None]:

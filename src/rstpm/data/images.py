@@ -50,12 +50,8 @@ class ImageTooLarge(DataError):
     """An image above :func:`max_image_pixels`, refused before decoding."""
 
 
-
-
 def is_dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
-
-
 
 
 def check_file(path: Path, what: str = "image") -> None:
@@ -85,8 +81,6 @@ def check_file(path: Path, what: str = "image") -> None:
         raise DataError(
             f"cannot read {what} {path}: the file is empty (0 bytes); re-export or remove it"
         )
-
-
 
 
 def max_image_pixels() -> int:
@@ -310,5 +304,3 @@ def load_mask(
             "re-export it as a grayscale PNG"
         ) from exc
     return np.asarray((rgb > threshold).any(axis=-1), dtype=bool)
-
-

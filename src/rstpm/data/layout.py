@@ -35,7 +35,6 @@ _JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 _MASK_SUFFIXES = ("_mask", "")
 
 
-
 @dataclass(frozen=True)
 class Sample:
     """One image of a data set.
@@ -68,7 +67,6 @@ def _is_image_name(path: Path) -> bool:
 def _is_ignored_name(name: str) -> bool:
     # Hidden files include macOS "._001.png" resource forks, which are not images.
     return name.startswith(".") or name.lower() in _JUNK_NAMES
-
 
 
 def _require_folder(folder: Path, what: str = "folder") -> None:
@@ -174,7 +172,6 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
             f"folder {folder}{where} contains no images ({exts}); add images or fix the path"
         )
     return scan.images
-
 
 
 def list_train_samples(root: Path) -> list[Sample]:
@@ -302,8 +299,6 @@ def list_test_samples(root: Path, mask_root: Path | None = None) -> list[Sample]
                 )
             samples.append(Sample(path, defect_type, mask))
     return samples
-
-
 
 
 def split_train_val(

@@ -65,6 +65,8 @@ PARITY_FLOOR = 1e-7
 """Absolute floor of the allowed difference (for maps that are zero everywhere)."""
 
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
+
+
 def sidecar_path(onnx_path: Path) -> Path:
     """The JSON beside an exported graph: ``model-<variant>.json``."""
     return Path(onnx_path).with_suffix(".json")
@@ -242,5 +244,3 @@ def export_onnx(
     }
     atomic_write_json(sidecar_path(out), info)
     return info
-
-

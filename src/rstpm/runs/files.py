@@ -48,5 +48,3 @@ def read_json(path: Path) -> Any:
 def file_digest(path: Path) -> dict[str, Any]:
     data = Path(path).read_bytes()
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-

@@ -179,15 +179,12 @@ def create_classifier(arch: str, weights: str | None) -> tuple[nn.Module, Weight
     return model, WeightsInfo(arch, source, file_sha, state_sha256(model.state_dict()))
 
 
-
 def build_pyramid(
     arch: str, weights: str | None, strides: tuple[int, ...]
 ) -> tuple[FeaturePyramid, WeightsInfo]:
     """A feature pyramid of ``arch`` with weights from ``weights`` (see the module docstring)."""
     model, info = create_classifier(arch, weights)
     return FeaturePyramid(model, strides), info
-
-
 
 
 def build_model(

@@ -30,5 +30,3 @@ def load_thresholds(run_dir: Path) -> dict[str, Thresholds]:
         raise CalibrationError(
             f"{path} is damaged ({error}); re-create it with `rstpm threshold --run {run_dir}`"
         ) from error
-
-

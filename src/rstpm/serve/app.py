@@ -284,4 +284,3 @@ def create_app(runs: dict[str, ServedRun], settings: ServeSettings | None = None
         GuardAndCount, metrics=state.metrics, routes=app.router.routes, api_key=settings.api_key
     )
     return app
-

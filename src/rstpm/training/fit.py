@@ -148,7 +148,12 @@ def resume(
     trim_log(run_dir, meta)
     base = {k: meta[k] for k in ("data", "students_from")}
     return train_run(
-        config, run_dir, base, progress=progress, log=log, on_epoch_end=on_epoch_end,
+        config,
+        run_dir,
+        base,
+        progress=progress,
+        log=log,
+        on_epoch_end=on_epoch_end,
         resume_from=(meta, groups),
     )
 
@@ -213,8 +218,16 @@ def train_run(
         run_dir, meta, config.checkpoint_interval, on_epoch_end, write=main, on_write=on_write
     )
     students, info = _stage1(
-        model, config, meta, (train_images, val_images), generator, logger, progress,
-        checkpointer, resume_from, parallel,
+        model,
+        config,
+        meta,
+        (train_images, val_images),
+        generator,
+        logger,
+        progress,
+        checkpointer,
+        resume_from,
+        parallel,
     )
     missing, unexpected = model.load_state_dict(students, strict=False)
     assert not unexpected, unexpected
@@ -227,8 +240,14 @@ def train_run(
         resume_disc = resume_from if stage == "discriminative" else None
         info.update(
             _train_discriminator(
-                model, config, (train_images, val_images), logger, progress, checkpointer,
-                resume_disc, parallel,
+                model,
+                config,
+                (train_images, val_images),
+                logger,
+                progress,
+                checkpointer,
+                resume_disc,
+                parallel,
             )
         )
     if not main:

@@ -133,9 +133,7 @@ class StudentStage:
         return {"loss": total / count, "train_seconds": round(seconds, 3)}
 
     def validate(self) -> float:
-        return validation_score(
-            self.model, self.val_images, self.val_cache, self.config.batch_size
-        )
+        return validation_score(self.model, self.val_images, self.val_cache, self.config.batch_size)
 
     def state(self) -> Tensors:
         return student_state(self.model)
