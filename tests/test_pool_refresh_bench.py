@@ -35,6 +35,15 @@ def test_summary_differences_spread_and_tolerance() -> None:
     assert summary["seed_spread_at_first"]["disc/image_auroc"] == pytest.approx(0.04)
     assert pool_refresh.within_tolerance({"c": summary}, 1)
     assert not pool_refresh.within_tolerance({"c": summary}, 5)  # 0.007 > 0.005
+    assert not pool_refresh.no_worse({"c": summary}, 5)  # 0.007 lower
+    better = pool_refresh.summarise(
+        {
+            0: {1: _result(0.90, 10.0), 5: _result(0.91, 5.0)},
+            1: {1: _result(0.94, 12.0), 5: _result(0.944, 6.0)},
+        }
+    )
+    assert pool_refresh.no_worse({"c": better}, 5)  # 0.007 higher: no cost
+    assert not pool_refresh.within_tolerance({"c": better}, 5)
     lines = pool_refresh.table("c", summary)
     assert any(line.startswith("| 5 |") and "x2.00" in line for line in lines)
 
