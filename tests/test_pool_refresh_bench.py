@@ -77,3 +77,10 @@ def test_a_tiny_measurement_reuses_students_and_finished_runs(
     stamp = (runs / "refresh2" / "weights.safetensors").stat().st_mtime_ns
     pool_refresh.main(argv)  # finished runs and evaluations are reused, not retrained
     assert (runs / "refresh2" / "weights.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_page_reuse_measures_both_waits() -> None:
+    page_reuse = load_benchmark("page_reuse")
+    result = page_reuse.main(["--gib", "0.01", "--short", "0", "--long", "0.01", "--repeats", "1"])
+    assert result["short"] > 0 and result["long"] > 0
+    assert result["ratio"] == pytest.approx(result["long"] / result["short"])
