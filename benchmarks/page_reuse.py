@@ -1,4 +1,4 @@
-"""Touching memory again after it sat freed for a while: the cost behind a pool refresh > 1 here.
+"""Touching memory again after it sat freed for a while: a cost a pool refresh > 1 can pay here.
 
 Not a test. Allocates and writes ``--gib`` GiB (new pages from the kernel, as the frozen networks'
 activations of a pseudo-anomaly pool are), frees it, waits, and does it again: after a short
@@ -8,8 +8,10 @@ Prints the median seconds of each and their ratio (long / short).
 On the development VM (2-core AMD EPYC, a firecracker guest) memory freed and left idle for
 100 s is slower to touch again than after 5 s. The guest kernel runs a DAMON scheme that pages
 out memory not accessed for 60 s (``/sys/kernel/mm/damon/admin``), a likely cause, not proven.
-It is what a pool refresh > 1 pays here: a pool made every 5th U-Net epoch (about 2.5 min
-apart) finds its memory gone cold, a pool made every epoch (about 1 min apart) mostly does not.
+A pool refresh > 1 can pay it here: a pool made every 5th U-Net epoch (about 2.5 min apart)
+may find its memory gone cold, a pool made every epoch (about 1 min apart) does not. Seen in
+benchmarks/pool_refresh.py's runs: 49-58 s per pool at refresh 5 and 10 in one process, 22 s at
+refresh 1, and 20-22 s at refresh 5 in a later process that had trained at refresh 1 first.
 On a machine without such reclaim the ratio should be about 1.
 
     python benchmarks/page_reuse.py --gib 2 --short 5 --long 100 --repeats 2
