@@ -16,8 +16,8 @@ Choices:
   explicit ``actors`` is honoured (capped at the number of batches); one that can never be
   scheduled (more CPUs than the cluster has, or an actor larger than every node) is a one-line
   error before any work.
-* **Records**: the fields of ``rstpm.inference.predict.predict_paths`` (the same loop: records
-  from ``Detector.predict_many``, overlays by ``save_outputs``). Overlay stems are computed on
+* **Records**: the fields of ``rstpm.inference.predict.predict_paths`` (the same loop,
+  ``score_records``, runs in the actors). Overlay stems are computed on
   the driver from the whole path list (``output_stems``) and travel in the rows, so
   sub-folders are mirrored exactly as locally whatever the batches.
 * **Exactly once**: Ray Data's actor pools restart a dead actor and retry its task
@@ -57,8 +57,8 @@ from rstpm.cluster.connect import (
     total_cpus,
 )
 from rstpm.data.images import DataError
-from rstpm.inference.detector import Detector, PredictionError
-from rstpm.inference.predict import output_stems, save_outputs
+from rstpm.inference.detector import Detector
+from rstpm.inference.predict import output_stems, score_records
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_FIELDS = (
@@ -86,24 +86,6 @@ def results_format(out: Path) -> str:
     if Path(out).is_dir():
         raise DataError(f"--out {out} is a folder; give a file name ending .jsonl or .parquet")
     return fmt
-
-
-def score_records(
-    detector: Detector, paths: Sequence[Path], stems: Sequence[Path | None], batch_size: int
-) -> Iterator[dict]:
-    """``predict_paths``' records for ``paths``, overlays written to the given stems (None: no
-    overlay), in order."""
-    for i, result in enumerate(detector.predict_many(paths, batch_size)):
-        if isinstance(result, PredictionError):
-            yield result.record()
-            continue
-        record = result.record()
-        if stems[i] is not None:
-            try:
-                record.update(save_outputs(result, stems[i]))
-            except (DataError, OSError) as error:
-                record["error"] = f"cannot write outputs for {result.path}: {error}"
-        yield record
 
 
 class _Scorer:

@@ -115,13 +115,21 @@ def predict_paths(
     batch_size: int = 16,
 ) -> Iterator[dict]:
     """One JSON-ready record per input path, in order (``{"path", "error"}`` for failures)."""
-    stems = output_stems(paths, save_dir) if save_dir is not None else None
+    stems = output_stems(paths, save_dir) if save_dir is not None else [None] * len(paths)
+    yield from score_records(detector, paths, stems, batch_size)
+
+
+def score_records(
+    detector: Detector, paths: Sequence[Path], stems: Sequence[Path | None], batch_size: int
+) -> Iterator[dict]:
+    """:func:`predict_paths`' records, with each image's outputs written to its stem in
+    ``stems`` (None: none); ``rstpm predict --ray`` runs this loop in its actors."""
     for i, result in enumerate(detector.predict_many(paths, batch_size)):
         if isinstance(result, PredictionError):
             yield result.record()
             continue
         record = result.record()
-        if stems is not None:
+        if stems[i] is not None:
             try:
                 record.update(save_outputs(result, stems[i]))
             except (DataError, OSError) as error:
