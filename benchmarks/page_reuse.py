@@ -11,7 +11,7 @@ out memory not accessed for 60 s (``/sys/kernel/mm/damon/admin``), a likely caus
 A pool refresh > 1 can pay it here: a pool made every 5th U-Net epoch (about 2.5 min apart)
 may find its memory gone cold, a pool made every epoch (about 1 min apart) does not. Seen in
 benchmarks/pool_refresh.py's runs: 49-58 s per pool at refresh 5 and 10 in one process, 22 s at
-refresh 1, and 20-22 s at refresh 5 in a later process that had trained at refresh 1 first.
+refresh 1, and 20-24 s at refresh 5 in a later process that had trained at refresh 1 first.
 On a machine without such reclaim the ratio should be about 1.
 
     python benchmarks/page_reuse.py --gib 2 --short 5 --long 100 --repeats 2

@@ -103,9 +103,9 @@ def summarise(results: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                 row["mean"][f"{v}/{m}"] = statistics.fmean(values)
                 row["diff_mean"][f"{v}/{m}"] = statistics.fmean(diffs)
                 row["diff_worst"][f"{v}/{m}"] = max(diffs, key=abs)
-        row["unet_stage_minutes"] = statistics.fmean(
-            results[s][refresh]["unet_stage_minutes"] for s in seeds
-        )
+        per_seed = {s: results[s][refresh]["unet_stage_minutes"] for s in seeds}
+        row["unet_stage_minutes"] = statistics.fmean(per_seed.values())
+        row["unet_stage_minutes_per_seed"] = per_seed
         rows[refresh] = row
     spread = {
         f"{v}/{m}": max(results[s][first]["metrics"][v][m] for s in seeds)
@@ -157,6 +157,17 @@ def table(name: str, summary: dict[str, Any]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     spread = summary["seed_spread_at_first"]
     lines.append("")
+    lines.append(
+        "U-Net stage per seed: "
+        + "; ".join(
+            f"refresh {refresh} "
+            + ", ".join(
+                f"seed {seed} {minutes:.1f} min"
+                for seed, minutes in row["unet_stage_minutes_per_seed"].items()
+            )
+            for refresh, row in rows.items()
+        )
+    )
     lines.append(
         "seed-to-seed spread at refresh 1 (max - min): "
         + ", ".join(

@@ -32,6 +32,7 @@ def test_summary_differences_spread_and_tolerance() -> None:
     assert row["diff_mean"]["full/pro"] == pytest.approx(-0.007)
     assert row["diff_worst"]["full/pro"] == pytest.approx(-0.010)  # the larger magnitude
     assert row["unet_stage_minutes"] == pytest.approx(5.5)
+    assert row["unet_stage_minutes_per_seed"] == {0: 5.0, 1: 6.0}
     assert summary["seed_spread_at_first"]["disc/image_auroc"] == pytest.approx(0.04)
     assert pool_refresh.within_tolerance({"c": summary}, 1)
     assert not pool_refresh.within_tolerance({"c": summary}, 5)  # 0.007 > 0.005
@@ -46,6 +47,7 @@ def test_summary_differences_spread_and_tolerance() -> None:
     assert not pool_refresh.within_tolerance({"c": better}, 5)
     lines = pool_refresh.table("c", summary)
     assert any(line.startswith("| 5 |") and "x2.00" in line for line in lines)
+    assert any("refresh 5 seed 0 5.0 min, seed 1 6.0 min" in line for line in lines)
 
 
 def test_refresh_must_start_with_the_exact_path() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rstpm.config import Config
+from rstpm.cli import _config_from_args, build_parser
+from rstpm.config import DEFAULT_POOL_REFRESH, Config
 from rstpm.core.precision import choose_precision
 from rstpm.hardware import CPU_FLAGS_ENV, cpu_flags, parse_cpuinfo_flags, torch_threads
 from rstpm.runs.run_dir import load_run, load_weights
@@ -84,11 +85,30 @@ def fp32_run(synthetic_category: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-def test_auto_without_native_bf16_is_the_exact_path_bit_for_bit(
+def test_the_pool_refresh_default_follows_the_precision() -> None:
+    assert DEFAULT_POOL_REFRESH > 1
+    assert Config().disc_pool_refresh == DEFAULT_POOL_REFRESH
+    assert Config(precision="bf16").disc_pool_refresh == DEFAULT_POOL_REFRESH
+    assert Config(precision="fp32").disc_pool_refresh == 1  # the exact path, as the paper
+    assert Config(precision="fp32", disc_pool_refresh=3).disc_pool_refresh == 3
+    stored = Config(disc_pool_refresh=1).to_dict()  # a run's config.json keeps its number
+    assert stored["disc_pool_refresh"] == 1 and Config.from_dict(stored).disc_pool_refresh == 1
+    parser = build_parser()
+    for argv, expected in [
+        ([], DEFAULT_POOL_REFRESH),
+        (["--precision", "fp32"], 1),
+        (["--precision", "fp32", "--disc-pool-refresh", "2"], 2),
+    ]:
+        args = parser.parse_args(["fit", "--data", "d", "--out", "o", *argv])
+        assert _config_from_args(args).disc_pool_refresh == expected, argv
+
+
+def test_auto_without_native_bf16_computes_as_the_exact_path_bit_for_bit(
     fp32_run: Path, synthetic_category: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv(CPU_FLAGS_ENV, "avx2")
-    fit(Config(**CONFIG), synthetic_category, tmp_path / "auto", progress=False)
+    config = Config(**CONFIG, disc_pool_refresh=1)  # the pool refresh is compared elsewhere
+    fit(config, synthetic_category, tmp_path / "auto", progress=False)
     info = json.loads((tmp_path / "auto" / "run.json").read_text())
     assert info["precision"] == {
         "requested": "auto",

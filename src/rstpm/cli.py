@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rstpm._version import __version__
-from rstpm.config import DISC_RESOLUTIONS, FUSIONS, PRESETS, Config
+from rstpm.config import DEFAULT_POOL_REFRESH, DISC_RESOLUTIONS, FUSIONS, PRESETS, Config
 from rstpm.core.attention import PLACEMENTS
 from rstpm.core.fusion import VARIANTS
 from rstpm.core.precision import REQUESTS
@@ -70,7 +70,8 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         choices=REQUESTS,
         default="auto",
         help="auto (default): bf16 + channels-last where the CPU has native bf16 (AVX-512 BF16 "
-        "or AMX), else fp32; fp32: the exact path; bf16: autocast convolutions to bfloat16 "
+        "or AMX), else fp32; fp32: the exact path (with new pseudo-anomalies every U-Net epoch "
+        "unless --disc-pool-refresh says otherwise); bf16: autocast convolutions to bfloat16 "
         "(not exact)",
     )
     parser.add_argument(
@@ -114,8 +115,9 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     disc.add_argument(
         "--disc-pool-refresh",
         type=int,
-        default=1,
-        help="new pseudo-anomalies every N epochs (1: every epoch, exact)",
+        default=None,
+        help=f"new pseudo-anomalies every N epochs (default: {DEFAULT_POOL_REFRESH}; 1, every "
+        "epoch as the paper, with --precision fp32)",
     )
     disc.add_argument(
         "--disc-image-rotation",

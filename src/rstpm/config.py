@@ -16,6 +16,11 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
+# New pseudo-anomalies every this many U-Net epochs unless --precision fp32 (the exact path: every
+# epoch, as DRAEM) or --disc-pool-refresh says otherwise. Chosen by benchmarks/pool_refresh.py on
+# bottle and transistor (README "Choosing the pool refresh"): no cost in accuracy, a shorter stage.
+DEFAULT_POOL_REFRESH = 5
+
 DISC_RESOLUTIONS = ("quarter", "full")
 FUSIONS = ("paper", "normalised")
 
@@ -52,7 +57,9 @@ class Config:
     disc_resolution: str = "quarter"  # quarter | full: the U-Net's map size vs the input size
     disc_base_width: int = 64  # DRAEM's widths 64..512
     anomaly_source: str | None = None  # folder of texture images (DTD); None: procedural
-    disc_pool_refresh: int = 1  # new pseudo-anomalies every N epochs (1: every epoch, exact)
+    # new pseudo-anomalies every N epochs (1: every epoch, exact); None: DEFAULT_POOL_REFRESH, or
+    # 1 with precision fp32 (the exact path). config.json records the resolved number.
+    disc_pool_refresh: int | None = None
     disc_image_rotation: float = 0.0  # P(rotate a normal image +-90 deg first); DRAEM: 0.3
     teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
     # Thresholds calibrated at the end of fit on the held-out normals (training/calibrate.py);
@@ -82,6 +89,8 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.precision not in REQUESTS:
             raise ValueError(f"--precision must be one of {', '.join(REQUESTS)}")
+        if self.disc_pool_refresh is None:
+            self.disc_pool_refresh = 1 if self.precision == "fp32" else DEFAULT_POOL_REFRESH
         if self.disc_resolution not in DISC_RESOLUTIONS:
             raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
         if not 0.0 <= self.disc_image_rotation <= 1.0:

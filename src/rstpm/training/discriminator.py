@@ -8,7 +8,8 @@
 * Checkpoint: the epoch with the lowest focal loss on a fixed set of pseudo-anomalies made from
   the held-out normal images (never the test set).
 * ``disc_pool_refresh`` N > 1 reuses one set of pseudo-anomalies (and their frozen-network maps)
-  for N epochs: faster, not exact. 1 (default) synthesises new ones every epoch as DRAEM does.
+  for N epochs: faster, not exact; 5 by default (config.DEFAULT_POOL_REFRESH). 1 synthesises new
+  ones every epoch as DRAEM does (the exact path, the default with ``--precision fp32``).
 """
 
 from __future__ import annotations
