@@ -10,9 +10,10 @@ On the development VM (2-core AMD EPYC, a firecracker guest) memory freed and le
 out memory not accessed for 60 s (``/sys/kernel/mm/damon/admin``), a likely cause, not proven.
 A pool refresh > 1 can pay it here: a pool made every 5th U-Net epoch (about 2.5 min apart)
 may find its memory gone cold, a pool made every epoch (about 1 min apart) does not. Seen in
-benchmarks/pool_refresh.py's runs: 49-58 s per pool at refresh 5 and 10 in one process, 22 s at
+benchmarks/pool_refresh.py's runs: 48-58 s per pool at refresh 5 and 10 in one process, 22 s at
 refresh 1, and 20-24 s at refresh 5 in a later process that had trained at refresh 1 first.
-On a machine without such reclaim the ratio should be about 1.
+On a machine without such reclaim the ratio should be about 1. Measured here: x1.39 on the
+quiet machine, x2.60 while a fit ran beside it; not enough on its own to explain those pools.
 
     python benchmarks/page_reuse.py --gib 2 --short 5 --long 100 --repeats 2
 """
