@@ -438,41 +438,20 @@ def run_rstpm(category_dir: Path, out: Path, test: TestSet, args: argparse.Names
     config = rstpm_config(args)
     run_dir, test_dir = out / "run", out / "test"
     fit = [
-        str(rstpm),
-        "fit",
-        "--data",
-        str(category_dir),
-        "--out",
-        str(run_dir),
-        "--epochs",
-        str(config["epochs"]),
-        "--disc-epochs",
-        str(config["disc_epochs"]),
-        "--seed",
-        str(args.seed),
-        "--overwrite",
-        "--quiet",
-    ]
+        str(rstpm), "fit", "--data", str(category_dir), "--out", str(run_dir),
+        "--epochs", str(config["epochs"]), "--disc-epochs", str(config["disc_epochs"]),
+        "--seed", str(args.seed), "--overwrite", "--quiet",
+    ]  # fmt: skip
     if config["anomaly_source"] != "procedural":
         fit += ["--anomaly-source", config["anomaly_source"]]
     fit += shlex.split(args.rstpm_args)
     env = {**os.environ, **thread_env(args.threads)}
     fit_seconds = run_logged(fit, out / "fit.log", env)
-    run_logged(
-        [
-            str(rstpm),
-            "test",
-            "--run",
-            str(run_dir),
-            "--data",
-            str(category_dir),
-            "--out",
-            str(test_dir),
-            "--quiet",
-        ],
-        out / "test.log",
-        env,
-    )
+    test_cmd = [
+        str(rstpm), "test", "--run", str(run_dir), "--data", str(category_dir),
+        "--out", str(test_dir), "--quiet",
+    ]  # fmt: skip
+    run_logged(test_cmd, out / "test.log", env)
     metrics = json.loads((test_dir / "metrics.json").read_text())
     run_json = json.loads((run_dir / "run.json").read_text())
     from rstpm.evaluation.paper_results import FULL_BY_CATEGORY

@@ -145,23 +145,10 @@ def start_server(args: argparse.Namespace, run: Path, log: Path) -> tuple[subpro
     """`rstpm serve` in a subprocess; returns once /readyz answers 200."""
     port = free_port()
     command = [
-        sys.executable,
-        "-m",
-        "rstpm",
-        "serve",
-        "--run",
-        f"{NAME}={run}",
-        "--port",
-        str(port),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--max-wait-ms",
-        str(args.max_wait_ms),
-        "--queue-size",
-        str(args.queue_size),
-        "--backend",
-        args.backend,
-    ]
+        sys.executable, "-m", "rstpm", "serve", "--run", f"{NAME}={run}", "--port", str(port),
+        "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+        "--queue-size", str(args.queue_size), "--backend", args.backend,
+    ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RSTPM_API_KEY"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # the server's torch threads
