@@ -749,6 +749,7 @@ def _one_line_warnings(command: str) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     from rstpm.cluster.connect import ClusterError
     from rstpm.data.images import DataError
+    from rstpm.hardware import keep_freed_memory
     from rstpm.inference.onnx_runtime import ExportError
     from rstpm.runs.files import RunError
     from rstpm.runs.teachers import WeightsError
@@ -767,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
     }
     try:
+        keep_freed_memory()  # RSTPM_MALLOC=system: glibc's own behaviour
         with _one_line_warnings(args.command):
             code = handlers[args.command](args)
     except (

@@ -35,7 +35,8 @@ class Config:
     attention: str = "pair2"  # none | pair2 (the paper's) | both  (Table IV)
     decoder_widths: tuple[int, ...] = (256, 128, 64)
     image_size: int = 256
-    epochs: int = 100
+    epochs: int = 100  # at most: with `patience`, the stage may end earlier
+    patience: int = 0  # 0: all `epochs` (the paper); see training/loop.py stops_early
     batch_size: int = 32
     lr: float = 0.4
     momentum: float = 0.9
@@ -52,6 +53,7 @@ class Config:
     channels_last: bool = False  # NHWC layout: faster on CPUs, not bit-exact (core/model.py)
     # The discriminative stage (method.md section 3): trained after the students, both frozen.
     disc_epochs: int = 300  # 0: no discriminative network (variants stpm and st only)
+    disc_patience: int = 0  # as patience, for the U-Net's validation loss
     disc_lr: float = 1e-4  # Adam
     disc_batch_size: int = 16
     disc_resolution: str = "quarter"  # quarter | full: the U-Net's map size vs the input size
@@ -95,6 +97,8 @@ class Config:
             raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
         if not 0.0 <= self.disc_image_rotation <= 1.0:
             raise ValueError("--disc-image-rotation must lie in [0, 1]")
+        if self.patience < 0 or self.disc_patience < 0:
+            raise ValueError("--patience and --disc-patience must be >= 0 epochs (0: never stop)")
         if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:
             raise ValueError("--disc-epochs >= 0, --disc-batch-size and --disc-pool-refresh >= 1")
         for name in ("false_alarm_rate", "pixel_false_alarm_rate"):
@@ -126,7 +130,8 @@ class Config:
         """The fields that determine the trained students (a run's students can be reused by a
         run whose student fields are equal)."""
         names = (
-            "preset teacher1 teacher2 attention decoder_widths image_size epochs batch_size lr "
+            "preset teacher1 teacher2 attention decoder_widths image_size epochs patience "
+            "batch_size lr "
             "momentum weight_decay val_fraction calibration_fraction seed teacher_weights "
             "precision"
         ).split()

@@ -7,6 +7,8 @@ assertions hold on every machine; an operator can set it to pin a fleet to one p
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import os
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ import torch
 from rstpm.core.precision import PrecisionChoice, choose_precision
 
 CPU_FLAGS_ENV = "RSTPM_CPU_FLAGS"
+MALLOC_ENV = "RSTPM_MALLOC"  # keep (the default) | system: see keep_freed_memory
+MALLOC_CHOICES = ("keep", "system")
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -63,3 +67,45 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def malloc_choice() -> str:
+    """``RSTPM_MALLOC`` (``keep`` unless set), checked."""
+    choice = os.environ.get(MALLOC_ENV, "keep").strip().lower() or "keep"
+    if choice not in MALLOC_CHOICES:
+        raise ValueError(f"{MALLOC_ENV}={choice!r}: use one of {', '.join(MALLOC_CHOICES)}")
+    return choice
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory a process frees, so that the next step reuses it.
+
+    By default glibc serves every allocation above 32 MiB (the largest mmap threshold it
+    allows) with its own ``mmap`` and returns it on ``free``; a training step allocates and
+    frees such activations every step, and the kernel then zero-fills each page again on its
+    first touch (about 1.7 M page faults a student step, a quarter of its CPU time on the
+    development machine). ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap instead and a
+    trim threshold of 1 GiB keeps what was freed: the process holds its peak memory rather than
+    giving it back between steps. Measured by benchmarks/allocator.py (docs/performance.md).
+
+    Called once per process by the command line and by ``fit``; ``RSTPM_MALLOC=system`` leaves
+    glibc as it is. Returns whether the setting was applied (False off glibc, e.g. on macOS or
+    musl).
+    """
+    if malloc_choice() == "system":
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # no C library by that name, or no mallopt
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # mallopt of another libc: leave it
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))

@@ -94,7 +94,7 @@ class DiscriminatorStage:
     ) -> None:
         self.model, self.config, self.train_images = model, config, train_images
         self.discriminator, self.parallel = model.discriminator, parallel
-        self.epochs = config.disc_epochs
+        self.epochs, self.patience = config.disc_epochs, config.disc_patience
         self.synthesizer = PseudoAnomalySynthesizer(
             anomaly_source(config), image_rotation=config.disc_image_rotation
         )

@@ -8,6 +8,7 @@ epochs and validations). The test set is never read here.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from rstpm.core.model import RSTPM
 from rstpm.data.dataset import load_all_images
 from rstpm.data.images import DataError
 from rstpm.data.layout import Sample, list_train_samples, split_train_val
-from rstpm.hardware import resolve_precision
+from rstpm.hardware import keep_freed_memory, resolve_precision
 from rstpm.runs.checkpoint import load_checkpoint, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json
 from rstpm.runs.run_dir import (
@@ -102,15 +103,26 @@ def fit(
     log: Callable[[str], None] = print,
     students_from: Path | None = None,
     on_epoch_end: Callable[[str, int], None] | None = None,
+    snapshots: dict[str, set[int]] | None = None,
 ) -> dict[str, Any]:
     """Train a run on the normal images of ``data_root`` and write it to ``run_dir``.
 
     ``students_from``: a finished run with identical student settings whose students are
     reused (stage 1 is skipped; only the discriminative network is trained). A checkpoint is
     written after every epoch (rstpm.runs.checkpoint); :func:`resume` continues an interrupted fit.
+    ``snapshots`` ({"students": {10, 20}, "discriminative": {25}}): after those epochs the best
+    state so far is saved under ``run_dir/snapshots/`` (Checkpointer.snapshot; accuracy curves).
     """
     meta = prepare_run(config, data_root, run_dir, students_from)
-    return train_run(config, run_dir, meta, progress=progress, log=log, on_epoch_end=on_epoch_end)
+    return train_run(
+        config,
+        run_dir,
+        meta,
+        progress=progress,
+        log=log,
+        on_epoch_end=on_epoch_end,
+        snapshots=snapshots,
+    )
 
 
 def prepare_run(
@@ -124,6 +136,7 @@ def prepare_run(
         _reusable_students(config, Path(students_from))
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_checkpoint(run_dir)  # a new fit never continues an older one
+    shutil.rmtree(run_dir / "snapshots", ignore_errors=True)  # nor keeps its snapshots
     for name in (MANIFEST_FILE, RUN_FILE):  # the directory holds no complete run until the end
         (run_dir / name).unlink(missing_ok=True)
     atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())  # what --resume rebuilds from
@@ -184,6 +197,7 @@ def train_run(
     resume_from: Resume | None = None,
     parallel: DataParallel | None = None,
     on_write: Callable[[Path], None] | None = None,
+    snapshots: dict[str, set[int]] | None = None,
 ) -> dict[str, Any]:
     """Both stages, the calibration and the run's files, into a prepared ``run_dir``
     (:func:`prepare_run`; ``meta``: its checkpoint meta), or from a checkpoint.
@@ -193,6 +207,7 @@ def train_run(
     and returns the run.json info, the others return an empty dict. ``on_write(path)`` runs
     after each checkpoint written.
     """
+    keep_freed_memory()  # once per process; RSTPM_MALLOC=system leaves glibc as it is
     main = parallel is None or parallel.is_main
     data_root = Path(meta["data"])
     split = training_split(config, data_root)
@@ -217,6 +232,7 @@ def train_run(
     checkpointer = Checkpointer(
         run_dir, meta, config.checkpoint_interval, on_epoch_end, write=main, on_write=on_write
     )
+    checkpointer.snapshots = {k: set(v) for k, v in (snapshots or {}).items()}
     students, info = _stage1(
         model,
         config,
@@ -315,7 +331,8 @@ def _train_students(
     """Stage 1; returns the best epoch's student state and the stage's run.json entries."""
     stage = StudentStage(model, config, *images, parallel=parallel)
     best = run_stage(stage, generator, logger, progress, checkpointer, resume)
-    return best.state, {"best_epoch": best.epoch, "best_val_score": best.value, **stage.summary()}
+    info = {"best_epoch": best.epoch, "epochs_trained": best.trained, "best_val_score": best.value}
+    return best.state, {**info, **stage.summary()}
 
 
 def _train_discriminator(
@@ -336,4 +353,5 @@ def _train_discriminator(
     generator = torch.Generator().manual_seed(config.seed + 2)
     best = run_stage(stage, generator, logger, progress, checkpointer, resume)
     model.discriminator.load_state_dict(best.state)
-    return {"disc_best_epoch": best.epoch, "disc_best_val_loss": best.value, **stage.summary()}
+    info = {"disc_best_epoch": best.epoch, "disc_epochs_trained": best.trained}
+    return {**info, "disc_best_val_loss": best.value, **stage.summary()}

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from rstpm.runs.checkpoint import CHECKPOINT_FILE, restore_rng, save_checkpoint
@@ -55,6 +56,7 @@ class BestEpoch:
 
     def __init__(self) -> None:
         self.epoch, self.value, self.state = 0, math.inf, None
+        self.trained = 0  # the last epoch trained (fewer than the stage's epochs: stopped early)
 
     def update(self, epoch: int, value: float, state: Callable[[], Tensors]) -> bool:
         """Record ``epoch`` if ``value`` is the lowest so far (NaN never is); True if it was."""
@@ -102,6 +104,22 @@ class Checkpointer:
         self.on_epoch_end, self.write, self.on_write = on_epoch_end, write, on_write
         self.extra: dict[str, Tensors] = {}  # groups saved with every write
         self.last_write = time.monotonic()
+        # stage name -> epochs after which the best state so far is saved (benchmarks' curves)
+        self.snapshots: dict[str, set[int]] = {}
+
+    def snapshot(self, stage: str, epoch: int, best: BestEpoch) -> None:
+        """After ``epoch`` of ``stage``, if asked for in ``snapshots``: the best state so far,
+        i.e. the state that a run of ``epoch`` epochs keeps (both stages' learning rates are
+        constant), as ``snapshots/<stage>-<best epoch>.safetensors`` in the run directory
+        (written once per best epoch: asking for every epoch saves each improvement)."""
+        if not self.write or epoch not in self.snapshots.get(stage, ()) or best.state is None:
+            return
+        path = self.run_dir / "snapshots" / f"{stage}-{best.epoch:04d}.safetensors"
+        if path.is_file():
+            return
+        path.parent.mkdir(exist_ok=True)
+        state = {k: v.contiguous() for k, v in best.state.items()}
+        save_file(state, str(path), metadata={"stage": stage, "best_epoch": str(best.epoch)})
 
     def epoch_end(
         self,
@@ -131,7 +149,8 @@ class Stage(Protocol):
 
     name: str  # "students" | "discriminative": the log's and the checkpoint's stage
     label: str  # the progress bar's and the log line's name
-    epochs: int
+    epochs: int  # at most this many
+    patience: int  # stop once this many epochs have not improved the validation value (0: never)
     value_name: str  # the validation value's key in the log ("val_score", "val_loss")
 
     def train_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, Any]:
@@ -148,6 +167,13 @@ class Stage(Protocol):
 
     def restore(self, meta: dict[str, Any], groups: dict[str, Tensors]) -> None:
         """Continue from a checkpoint of this stage."""
+
+
+def stops_early(patience: int, epoch: int, best_epoch: int) -> bool:
+    """The stopping rule, decided on the validation values alone (held-out normal images,
+    never the test set): after ``epoch``, stop when the best epoch lies ``patience`` or more
+    epochs back (``patience`` 0: never stop early)."""
+    return patience > 0 and best_epoch > 0 and epoch - best_epoch >= patience
 
 
 def _epoch_bar(name: str, first: int, last: int, progress: bool) -> Any:
@@ -184,11 +210,15 @@ def run_stage(
         best.epoch, best.value = meta["best_epoch"], meta["best_value"]
         best.state = groups.get("best") or None
         first = meta["epoch"] + 1
+        best.trained = meta["epoch"]
         generator = restore_rng(meta, groups)
     bar = _epoch_bar(stage.label, first, stage.epochs, progress)
     for epoch in bar:
+        if stops_early(stage.patience, epoch - 1, best.epoch):  # resumed after the stop
+            break
         started = time.perf_counter()
         fields = stage.train_epoch(epoch, generator)
+        best.trained = epoch
         value = stage.validate()
         seconds = time.perf_counter() - started
         improved = best.update(epoch, value, stage.state)
@@ -198,15 +228,23 @@ def run_stage(
             f"{stage.label} {epoch}/{stage.epochs} loss {fields['loss']:.4f} val {value:.5g} "
             f"{seconds:.1f}s" + (" *" if improved else "")
         )
+        stop = stops_early(stage.patience, epoch, best.epoch)
+        if stop:
+            line += f" (no better epoch in {stage.patience}: stage ends)"
         logger(bar, record, line)
         if checkpointer is not None:
+            checkpointer.snapshot(stage.name, epoch, best)
 
             def state() -> Resume:
                 meta, groups = stage.checkpoint()
                 meta = {"best_epoch": best.epoch, "best_value": best.value, **meta}
                 return meta, {**groups, "best": best.state or {}}
 
-            checkpointer.epoch_end(stage.name, epoch, epoch == stage.epochs, state, generator)
+            last = stop or epoch == stage.epochs
+            checkpointer.epoch_end(stage.name, epoch, last, state, generator)
+        if stop:
+            bar.close()
+            break
     if best.state is None:
         raise TrainingError(
             f"no {stage.label} epoch gave a finite validation value; lower the learning rate "

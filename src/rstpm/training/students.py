@@ -87,7 +87,7 @@ class StudentStage:
         self.model, self.config, self.parallel = model, config, parallel
         self.forward = model if parallel is None else parallel.wrap(StudentModules(model))
         self.train_images, self.val_images = train_images, val_images
-        self.epochs = config.epochs
+        self.epochs, self.patience = config.epochs, config.patience
         self.train_cache = self.val_cache = None
         started = time.perf_counter()
         if config.cache_teacher_features:
