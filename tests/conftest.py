@@ -14,6 +14,10 @@ from rstpm.data.synthetic import make_synthetic_category
 # the exact path everywhere unless a test forces flags (tests/test_precision.py); subprocesses
 # inherit the setting.
 os.environ.setdefault("RSTPM_CPU_FLAGS", "none")
+# `--backend auto` (the command line's default) runs OpenVINO where installed, exporting the
+# run's graph on first use; the suite pins it to torch so that every test of another subject
+# compares against the exact path without exporting each run. tests/test_openvino.py tests auto.
+os.environ.setdefault("RSTPM_BACKEND", "torch")
 
 SYNTHETIC_KWARGS = {
     "n_train": 20,

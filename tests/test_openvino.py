@@ -216,5 +216,70 @@ def test_predict_cli_with_openvino_on_a_folder_matches_torch(
 def test_the_cli_offers_every_backend() -> None:
     from rstpm import cli
 
-    assert cli.BACKENDS == backends.BACKENDS and "openvino" in cli.GRAPH_BACKENDS
+    assert cli.BACKENDS == (backends.AUTO, *backends.BACKENDS) and "openvino" in cli.GRAPH_BACKENDS
     assert openvino_runtime.DEFAULT_PERFORMANCE_HINT in openvino_runtime.PERFORMANCE_HINTS
+
+
+@pytest.fixture
+def unpinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` as a user gets it (the suite pins it to torch)."""
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+
+
+def test_auto_exports_the_graph_once_and_runs_openvino(
+    synthetic_category: Path,
+    tmp_path: Path,
+    reference: tuple[list[str], torch.Tensor, np.ndarray],
+    run: Path,
+    unpinned: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fresh = tmp_path / "run"  # the module's run, without its export
+    fresh.mkdir()
+    for file in run.iterdir():
+        if file.is_file():
+            (fresh / file.name).write_bytes(file.read_bytes())
+    graph = default_onnx_path(fresh, "full")
+    assert not graph.exists()
+    folder = synthetic_category / "test" / "scratch"
+    args = ["predict", "--run", str(fresh), str(folder), "--quiet", "--precision", "fp32"]
+    assert main(args) == 0  # default --backend auto
+    assert graph.is_file()
+    stamp = graph.stat().st_mtime_ns
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    paths, _, expected = reference
+    for record in records:
+        assert record["score"] == pytest.approx(
+            float(expected[paths.index(record["path"])].max()), rel=RTOL
+        )
+    opened = backends.open_backend(fresh, [None], "auto", "fp32")
+    assert opened.name == "openvino" and graph.stat().st_mtime_ns == stamp  # not exported again
+    out = tmp_path / "test"
+    metrics = evaluate.test(fresh, synthetic_category, out_dir=out, progress=False, backend="auto")
+    assert metrics["backend"] == "openvino"
+
+
+def test_auto_runs_torch_for_several_variants_or_without_a_graph(
+    run: Path, tmp_path: Path, unpinned: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert backends.open_backend(run, ["st", "full"], "auto", "fp32").name == "torch"
+    monkeypatch.setattr(backends, "_openvino_installed", lambda: False)
+    assert backends.open_backend(run, [None], "auto", "fp32").name == "torch"
+    monkeypatch.undo()
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+
+    def no_export(*args: object) -> None:
+        raise ExportError("onnx is not installed: install the onnx extra")
+
+    monkeypatch.setattr(backends, "export_onnx", no_export)
+    with pytest.warns(UserWarning, match="backend auto runs torch: no OpenVINO graph"):
+        opened = backends.open_backend(run, ["st"], "auto", "fp32")  # only full is exported
+    assert opened.name == "torch" and opened.variants == ["st"]
+
+
+def test_rstpm_backend_pins_auto(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(backends.BACKEND_ENV, "onnx")
+    assert backends.open_backend(run, [None], "auto").name == "onnx"
+    monkeypatch.setenv(backends.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match="RSTPM_BACKEND='cuda'"):
+        backends.open_backend(run, [None], "auto")

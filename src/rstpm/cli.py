@@ -21,9 +21,15 @@ from rstpm.core.attention import PLACEMENTS
 from rstpm.core.fusion import VARIANTS
 from rstpm.core.precision import REQUESTS
 
-BACKENDS = ("torch", "onnx", "openvino")
-"""``--backend`` choices (rstpm.inference.backends.BACKENDS, without importing torch here)."""
-GRAPH_BACKENDS = ("onnx", "openvino")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
+"""``--backend`` choices (rstpm.inference.backends: AUTO and BACKENDS, without importing torch
+here)."""
+BACKEND_HELP = (
+    "auto (default): OpenVINO where installed (the run's graph, exported on first use into "
+    "RUN/export/), else torch; $RSTPM_BACKEND pins what auto runs. onnx: ONNX Runtime, openvino: "
+    "OpenVINO, on the graph of `rstpm export` (its one variant)"
+)
+GRAPH_BACKENDS = ("auto", "onnx", "openvino")
 """The backends that run the exported graph (``--onnx FILE``)."""
 
 
@@ -214,13 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--batch-size", type=int, default=16)
     test.add_argument("--quiet", action="store_true")
     test.add_argument("--json", action="store_true", help="print metrics.json to stdout")
-    test.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="torch",
-        help="onnx: ONNX Runtime, openvino: OpenVINO, on the graph of `rstpm export` (its one "
-        "variant)",
-    )
+    test.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     test.add_argument(
         "--precision",
         choices=REQUESTS,
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--save-dir", type=Path, help="write <name>_overlay.png, <name>_mask.png")
     predict.add_argument("--variant", choices=VARIANTS, help="default: full, or st")
     predict.add_argument("--batch-size", type=int, default=16)
-    predict.add_argument("--backend", choices=BACKENDS, default="torch")
+    predict.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     predict.add_argument("--onnx", type=Path, help="graph for --backend onnx|openvino")
     predict.add_argument("--precision", choices=REQUESTS, help="torch and openvino backends")
     predict.add_argument("--quiet", action="store_true", help="no summary on stderr")
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key", help="require Authorization: Bearer KEY (default: $RSTPM_API_KEY)"
     )
-    serve.add_argument("--backend", choices=BACKENDS, default="torch")
+    serve.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
 
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
     demo.add_argument("--out", type=Path, help="folder for the data and the run (default: temp)")
@@ -504,7 +504,7 @@ def _fit_on_ray(args: argparse.Namespace) -> int:
 
 def _check_graph_option(args: argparse.Namespace) -> None:
     if args.onnx is not None and args.backend not in GRAPH_BACKENDS:
-        raise ValueError("--onnx FILE is used with --backend onnx or --backend openvino only")
+        raise ValueError("--onnx FILE is used with --backend auto, onnx or openvino only")
 
 
 def cmd_test(args: argparse.Namespace) -> None:

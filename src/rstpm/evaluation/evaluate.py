@@ -62,8 +62,9 @@ def test_variants(
     ``<out>/report.html`` (rstpm.evaluation.report, with the run's thresholds when it has some).
 
     ``backend``: ``torch`` (the run's model), ``onnx`` (ONNX Runtime on the graph of
-    ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant) or
-    ``openvino`` (OpenVINO on that graph). ``precision`` (torch, openvino) defaults to the run's;
+    ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant),
+    ``openvino`` (OpenVINO on that graph) or ``auto`` (rstpm.inference.backends.resolve_auto).
+    ``precision`` (torch, openvino) defaults to the run's;
     metrics.json records the backend and the precision it ran at."""
     run_dir = Path(run_dir)
     opened = open_backend(run_dir, variants, backend, precision, onnx_path)
@@ -95,7 +96,7 @@ def test_variants(
             "run": str(run_dir.resolve()),
             "data": str(Path(data_root).resolve()),
             "n_images": len(samples),
-            "backend": backend,
+            "backend": opened.name,
             "precision": opened.precision,
             "inference_seconds": round(seconds, 3),
             "torch_threads": torch.get_num_threads(),

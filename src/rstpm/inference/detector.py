@@ -128,8 +128,10 @@ class Detector:
         variant: str,
         batch_maps: BatchMaps,
         thresholds: Thresholds | None,
+        backend: str = "torch",
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.backend = backend  # the one that runs (``auto`` resolved)
         self.config = config
         self.variant = variant
         self.thresholds = thresholds
@@ -147,15 +149,16 @@ class Detector:
     ) -> Detector:
         """Load a finished run. ``variant``: stpm | st | disc | full (default: full, or st
         without discriminative network). ``backend``: torch, onnx (ONNX Runtime on the graph of
-        ``rstpm export``) or openvino (OpenVINO on that graph). ``precision`` (torch, openvino):
-        auto, fp32 or bf16, default the run's; ``performance_hint`` (openvino): LATENCY or
-        THROUGHPUT."""
+        ``rstpm export``), openvino (OpenVINO on that graph) or auto (the command line's
+        default: OpenVINO where installed, exporting the graph once; see
+        rstpm.inference.backends.resolve_auto). ``precision`` (torch, openvino): auto, fp32 or
+        bf16, default the run's; ``performance_hint`` (openvino): LATENCY or THROUGHPUT."""
         run_dir = Path(run_dir)
         onnx_path = Path(onnx_path) if onnx_path else None
         opened = open_backend(run_dir, [variant], backend, precision, onnx_path, performance_hint)
         variant = opened.variants[0]
         thresholds = load_thresholds(run_dir).get(variant)
-        return cls(run_dir, opened.config, variant, opened.batch_maps, thresholds)
+        return cls(run_dir, opened.config, variant, opened.batch_maps, thresholds, opened.name)
 
     @classmethod
     def fit(

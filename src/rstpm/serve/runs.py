@@ -89,5 +89,6 @@ def load_runs(specs: Sequence[str], backend: str = "torch") -> dict[str, ServedR
     runs = {}
     for name, path in paths.items():
         manifest = verify_run(path)
-        runs[name] = ServedRun(name, Detector.load(path, backend=backend), manifest, backend)
+        detector = Detector.load(path, backend=backend)
+        runs[name] = ServedRun(name, detector, manifest, detector.backend)
     return runs
