@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from rstpm import hardware
 from rstpm.cli import main
-from rstpm.config import Config
+from rstpm.config import DEFAULT_SCHEDULE, SCHEDULES, Config
 from rstpm.runs.run_dir import WEIGHTS_FILE, load_weights
 from rstpm.training.fit import fit
 from rstpm.training.loop import Checkpointer, EpochLogger, run_stage, stops_early
@@ -147,3 +147,74 @@ def test_bad_malloc_setting_is_a_one_line_error(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "RSTPM_MALLOC" in err and "keep, system" in err
     hardware.keep_freed_memory.cache_clear()
+
+
+def test_schedules_fill_what_is_not_given() -> None:
+    paper = Config(schedule="paper")
+    assert (paper.epochs, paper.patience, paper.disc_epochs, paper.disc_patience) == (
+        100,
+        0,
+        300,
+        0,
+    )
+    fast = Config()
+    expected = SCHEDULES[DEFAULT_SCHEDULE]
+    assert fast.schedule == DEFAULT_SCHEDULE
+    assert (fast.epochs, fast.patience, fast.disc_epochs, fast.disc_patience) == (
+        expected.epochs,
+        expected.patience,
+        expected.disc_epochs,
+        expected.disc_patience,
+    )
+    mixed = Config(schedule="paper", epochs=7, disc_patience=3)
+    assert (mixed.epochs, mixed.patience, mixed.disc_epochs, mixed.disc_patience) == (7, 0, 300, 3)
+    with pytest.raises(ValueError, match="--schedule"):
+        Config(schedule="slow")
+
+
+def test_a_stored_config_from_before_schedules_is_the_papers() -> None:
+    stored = Config(schedule="paper", epochs=10, disc_epochs=5).to_dict()
+    for key in ("schedule", "patience", "disc_patience"):
+        del stored[key]
+    config = Config.from_dict(stored)
+    assert (config.schedule, config.epochs, config.patience) == ("paper", 10, 0)
+    assert (config.disc_epochs, config.disc_patience) == (5, 0)
+    assert Config.from_dict(Config().to_dict()) == Config()
+
+
+def test_cli_schedule_flags() -> None:
+    from rstpm.cli import _config_from_args, build_parser
+
+    def config(*flags: str) -> Config:
+        args = build_parser().parse_args(["fit", "--data", "d", "--out", "o", *flags])
+        return _config_from_args(args)
+
+    assert config() == Config()
+    assert config("--schedule", "paper") == Config(schedule="paper")
+    paper = config("--schedule", "paper", "--precision", "fp32", "--disc-pool-refresh", "1")
+    assert (paper.epochs, paper.disc_epochs, paper.patience, paper.disc_patience) == (
+        100,
+        300,
+        0,
+        0,
+    )
+    assert paper.precision == "fp32" and paper.disc_pool_refresh == 1
+    override = config("--epochs", "40", "--patience", "5", "--disc-epochs", "0")
+    assert (override.epochs, override.patience, override.disc_epochs) == (40, 5, 0)
+
+
+def test_a_stopped_fit_equals_a_fit_of_that_many_epochs(
+    synthetic_category: Path, tmp_path: Path
+) -> None:
+    """Stopping ends the stage and changes nothing before it: the exact path of `--schedule
+    paper --precision fp32 --disc-pool-refresh 1` (patience 0) is the loop of before."""
+    stopped = _small_config(epochs=8, patience=1, disc_epochs=0, precision="fp32")
+    info = fit(stopped, synthetic_category, tmp_path / "stopped", progress=False)
+    fixed = Config(
+        schedule="paper", epochs=info["epochs_trained"], patience=0, disc_epochs=0,
+        batch_size=8, image_size=64, checkpoint_interval=0.0, precision="fp32",
+    )  # fmt: skip
+    again = fit(fixed, synthetic_category, tmp_path / "fixed", progress=False)
+    assert again["best_epoch"] == info["best_epoch"]
+    a, b = (load_weights(tmp_path / name / WEIGHTS_FILE) for name in ("stopped", "fixed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,7 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rstpm._version import __version__
-from rstpm.config import DEFAULT_POOL_REFRESH, DISC_RESOLUTIONS, FUSIONS, PRESETS, Config
+from rstpm.config import (
+    DEFAULT_POOL_REFRESH,
+    DEFAULT_SCHEDULE,
+    DISC_RESOLUTIONS,
+    FUSIONS,
+    PRESETS,
+    SCHEDULES,
+    Config,
+)
 from rstpm.core.attention import PLACEMENTS
 from rstpm.core.fusion import VARIANTS
 from rstpm.core.precision import REQUESTS
@@ -35,7 +43,24 @@ GRAPH_BACKENDS = ("auto", "onnx", "openvino")
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="lite")
-    parser.add_argument("--epochs", type=int, default=100)
+    fast, paper = SCHEDULES[DEFAULT_SCHEDULE], SCHEDULES["paper"]
+    parser.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default=DEFAULT_SCHEDULE,
+        help=f"{DEFAULT_SCHEDULE} (default): {fast.epochs} student epochs (patience "
+        f"{fast.patience}) + {fast.disc_epochs} U-Net epochs (patience {fast.disc_patience}), "
+        f"chosen by measurement; paper: the paper's {paper.epochs} + {paper.disc_epochs}, no "
+        "early stop. --epochs, --patience, --disc-epochs, --disc-patience override it",
+    )
+    parser.add_argument("--epochs", type=int, help="student epochs at most (default: schedule's)")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        metavar="K",
+        help="end the students' stage once K epochs gave no lower validation score on the "
+        "held-out normals (0: never; default: the schedule's)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -111,7 +136,10 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="target fraction of normal pixels flagged, for the pixel threshold",
     )
     disc = parser.add_argument_group("discriminative network (stage 2)")
-    disc.add_argument("--disc-epochs", type=int, default=300, help="0: no discriminative net")
+    disc.add_argument(
+        "--disc-epochs", type=int, help="U-Net epochs at most (0: no discriminative net)"
+    )
+    disc.add_argument("--disc-patience", type=int, metavar="K", help="as --patience, for the U-Net")
     disc.add_argument("--disc-lr", type=float, default=1e-4)
     disc.add_argument("--disc-batch-size", type=int, default=16)
     disc.add_argument("--disc-resolution", choices=DISC_RESOLUTIONS, default="quarter")
@@ -341,7 +369,10 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         weights = tuple(None if w == "-" else w for w in args.teacher_weights)
     return Config(
         preset=args.preset,
+        schedule=args.schedule,
         epochs=args.epochs,
+        patience=args.patience,
+        disc_patience=args.disc_patience,
         batch_size=args.batch_size,
         image_size=args.image_size,
         seed=args.seed,

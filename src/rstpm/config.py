@@ -21,13 +21,35 @@ PRESETS: dict[str, tuple[str, str]] = {
 # bottle and transistor (README "Choosing the pool refresh"): no cost in accuracy, a shorter stage.
 DEFAULT_POOL_REFRESH = 5
 
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long each stage trains: at most ``epochs``, ending earlier once ``patience`` epochs
+    brought no better validation value (0: never; training/loop.py stops_early)."""
+
+    epochs: int
+    patience: int
+    disc_epochs: int
+    disc_patience: int
+
+
+# paper: method.md section 4, exactly. fast (the default): chosen by benchmarks/schedule_curve.py
+# on bottle and transistor (docs/performance.md "The default schedule").
+SCHEDULES: dict[str, Schedule] = {
+    "paper": Schedule(epochs=100, patience=0, disc_epochs=300, disc_patience=0),
+    "fast": Schedule(epochs=100, patience=0, disc_epochs=60, disc_patience=0),
+}
+DEFAULT_SCHEDULE = "fast"
+
 DISC_RESOLUTIONS = ("quarter", "full")
 FUSIONS = ("paper", "normalised")
 
 
 @dataclass
 class Config:
-    """Every choice of a run. Defaults are the paper's schedule (method.md section 4)."""
+    """Every choice of a run. The defaults are the paper's (method.md section 4) except the
+    schedule (``fast``; ``schedule="paper"`` is the paper's 100 + 300 epochs), the precision
+    (``auto``) and the pool refresh (see their comments)."""
 
     preset: str = "lite"
     teacher1: str = ""  # filled from the preset when empty
@@ -35,8 +57,10 @@ class Config:
     attention: str = "pair2"  # none | pair2 (the paper's) | both  (Table IV)
     decoder_widths: tuple[int, ...] = (256, 128, 64)
     image_size: int = 256
-    epochs: int = 100  # at most: with `patience`, the stage may end earlier
-    patience: int = 0  # 0: all `epochs` (the paper); see training/loop.py stops_early
+    # the schedule fills epochs, patience, disc_epochs and disc_patience left None
+    schedule: str = DEFAULT_SCHEDULE
+    epochs: int = None  # type: ignore[assignment]  # at most: `patience` may end the stage earlier
+    patience: int = None  # type: ignore[assignment]  # 0: all `epochs`; loop.py stops_early
     batch_size: int = 32
     lr: float = 0.4
     momentum: float = 0.9
@@ -52,8 +76,8 @@ class Config:
     precision: str = "auto"  # auto (per CPU) | fp32 (exact) | bf16 (autocast): core/precision.py
     channels_last: bool = False  # NHWC layout: faster on CPUs, not bit-exact (core/model.py)
     # The discriminative stage (method.md section 3): trained after the students, both frozen.
-    disc_epochs: int = 300  # 0: no discriminative network (variants stpm and st only)
-    disc_patience: int = 0  # as patience, for the U-Net's validation loss
+    disc_epochs: int = None  # type: ignore[assignment]  # 0: no discriminative network
+    disc_patience: int = None  # type: ignore[assignment]  # as patience, for the U-Net
     disc_lr: float = 1e-4  # Adam
     disc_batch_size: int = 16
     disc_resolution: str = "quarter"  # quarter | full: the U-Net's map size vs the input size
@@ -73,6 +97,11 @@ class Config:
     pixel_false_alarm_rate: float = 0.001
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        for name, value in dataclasses.asdict(SCHEDULES[self.schedule]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         default1, default2 = PRESETS[self.preset]
@@ -142,5 +171,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        if "schedule" not in data:  # stored before schedules: the paper's, no early stop
+            data = {"schedule": "paper", "patience": 0, "disc_patience": 0, **data}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
