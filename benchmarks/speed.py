@@ -28,12 +28,12 @@ Students start random (speed does not depend on training); teachers are the real
 ``--full-schedule`` instead times the default ``rstpm fit`` end to end (a subprocess: start,
 image loading, teacher cache, both stages with their synthesis, validations and checkpoints,
 calibration, writing the run) on ``--data`` (default bottle) for a short schedule, and projects
-the paper's 100 + 300 epochs (``--target``) from it: the run's time outside its epochs (plus
-the first epoch's excess over the others: warm-up) is paid once, each stage's mean epoch of the
-rest is paid per epoch. With ``--disc-pool-refresh N`` measure a multiple of N U-Net epochs.
+the default schedule's epochs (``--target``; ``--target 100 300``: the paper's) from it: the
+run's time outside its epochs (plus the first epoch's excess over the others: warm-up) is paid
+once, each stage's mean epoch of the rest is paid per epoch. With ``--disc-pool-refresh N`` measure a multiple of N U-Net epochs.
 
     python benchmarks/speed.py --full-schedule [--data DIR] [--epochs 3] [--disc-epochs 3]
-        [--target 100 300] [--fit-args "--disc-pool-refresh 5"] [--threads N]
+        [--target S D] [--fit-args "--disc-pool-refresh 5"] [--threads N]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rstpm.config import Config
+from rstpm.config import DEFAULT_SCHEDULE, SCHEDULES, Config
 from rstpm.core.focal_loss import focal_loss
 from rstpm.core.model import RSTPM
 from rstpm.data.dataset import load_all_images
@@ -359,7 +359,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="--full-schedule: the category (bottle)")
     parser.add_argument("--epochs", type=int, default=3, help="--full-schedule: student epochs")
     parser.add_argument("--disc-epochs", type=int, default=3, help="--full-schedule: U-Net")
-    parser.add_argument("--target", type=int, nargs=2, default=(100, 300), metavar=("S", "D"))
+    schedule = SCHEDULES[DEFAULT_SCHEDULE]  # the default fit's most epochs
+    parser.add_argument(
+        "--target",
+        type=int,
+        nargs=2,
+        default=(schedule.epochs, schedule.disc_epochs),
+        metavar=("S", "D"),
+    )
     parser.add_argument("--fit-args", default="", help="--full-schedule: more `rstpm fit` flags")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

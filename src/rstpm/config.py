@@ -37,7 +37,7 @@ class Schedule:
 # on bottle and transistor (docs/performance.md "The default schedule").
 SCHEDULES: dict[str, Schedule] = {
     "paper": Schedule(epochs=100, patience=0, disc_epochs=300, disc_patience=0),
-    "fast": Schedule(epochs=100, patience=0, disc_epochs=60, disc_patience=0),
+    "fast": Schedule(epochs=100, patience=0, disc_epochs=30, disc_patience=0),
 }
 DEFAULT_SCHEDULE = "fast"
 
