@@ -30,7 +30,8 @@ image loading, teacher cache, both stages with their synthesis, validations and 
 calibration, writing the run) on ``--data`` (default bottle) for a short schedule, and projects
 the default schedule's epochs (``--target``; ``--target 100 300``: the paper's) from it: the
 run's time outside its epochs (plus the first epoch's excess over the others: warm-up) is paid
-once, each stage's mean epoch of the rest is paid per epoch. With ``--disc-pool-refresh N`` measure a multiple of N U-Net epochs.
+once, each stage's mean epoch of the rest is paid per epoch. With ``--disc-pool-refresh N``
+measure a multiple of N U-Net epochs.
 
     python benchmarks/speed.py --full-schedule [--data DIR] [--epochs 3] [--disc-epochs 3]
         [--target S D] [--fit-args "--disc-pool-refresh 5"] [--threads N]
