@@ -88,8 +88,8 @@ def keep_freed_memory() -> bool:
     By default glibc serves every allocation above 32 MiB (the largest mmap threshold it
     allows) with its own ``mmap`` and returns it on ``free``; a training step allocates and
     frees such activations every step, and the kernel then zero-fills each page again on its
-    first touch (about 1.7 M page faults a student step, a quarter of its CPU time on the
-    development machine). ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap instead and a
+    first touch (profile_fit.py on a Zen 3 at fp32: about 1.7 M page faults a student step, a
+    quarter of its CPU time). ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap instead and a
     trim threshold of 1 GiB keeps what was freed: the process holds its peak memory rather than
     giving it back between steps. Measured by benchmarks/allocator.py (docs/performance.md).
 
