@@ -151,8 +151,12 @@ def test_backend_onnx_with_an_explicit_file_runs_that_files_variant(
     assert main([*args, "--backend", "onnx", "--onnx", str(graph), "--variant", "full"]) == 2
     line = _error_line(capsys)
     assert "holds variant 'st' only" in line and "rstpm export" in line
-    assert main([*args, "--onnx", str(graph)]) == 2  # --onnx without --backend onnx
-    assert "--backend onnx" in _error_line(capsys)
+    assert main([*args, "--backend", "torch", "--onnx", str(graph)]) == 2  # torch takes no graph
+    assert "--backend auto, onnx or openvino" in _error_line(capsys)
+    auto_out = disc_run / "test_auto_st"  # auto with a graph: a graph backend runs it
+    assert main([*args, "--onnx", str(graph), "--out", str(auto_out)]) == 0
+    ran = json.loads((auto_out / "metrics.json").read_text())
+    assert ran["variant"] == "st" and ran["backend"] in ("onnx", "openvino")
 
 
 def test_export_of_a_variant_without_discriminative_net_is_a_clear_error(

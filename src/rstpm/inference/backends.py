@@ -73,7 +73,7 @@ def _openvino_installed() -> bool:
 
 def resolve_auto(run_dir: Path, variants: Sequence[str | None], onnx_path: Path | None) -> str:
     """What ``auto`` runs: OpenVINO where it is installed, else torch (``RSTPM_BACKEND`` pins
-    one instead).
+    one instead); with ``onnx_path``, a graph backend (OpenVINO, else ONNX Runtime).
 
     OpenVINO was the fastest backend measured at batch 16 with and without native bf16
     (docs/performance.md: x1.9 torch bf16 + channels-last, x2.9 torch fp32 at f32) and is exact
@@ -85,9 +85,15 @@ def resolve_auto(run_dir: Path, variants: Sequence[str | None], onnx_path: Path 
     read-only run folder).
     """
     pinned = os.environ.get(BACKEND_ENV, "").strip()
+    if pinned and pinned not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={pinned!r}: use one of {', '.join(BACKENDS)}")
+    if onnx_path is not None:  # a graph named: a graph backend runs it
+        return (
+            pinned
+            if pinned in ("onnx", "openvino")
+            else ("openvino" if _openvino_installed() else "onnx")
+        )
     if pinned:
-        if pinned not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={pinned!r}: use one of {', '.join(BACKENDS)}")
         return pinned
     if not _openvino_installed():
         return "torch"
