@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from rstpm import hardware
 from rstpm.cli import main
 from rstpm.config import DEFAULT_SCHEDULE, SCHEDULES, Config
+from rstpm.runs.checkpoint import load_checkpoint
 from rstpm.runs.run_dir import WEIGHTS_FILE, load_weights
 from rstpm.training.fit import fit
 from rstpm.training.loop import Checkpointer, EpochLogger, run_stage, stops_early
@@ -102,7 +103,7 @@ def test_stopping_rule_never_reads_the_test_set(synthetic_category: Path, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fit_records_the_epochs_trained_and_resume_keeps_the_stop(
+def test_fit_records_the_epochs_trained_and_logs_each_once(
     synthetic_category: Path, tmp_path: Path
 ) -> None:
     config = _small_config(patience=1, disc_patience=1)
@@ -218,3 +219,17 @@ def test_a_stopped_fit_equals_a_fit_of_that_many_epochs(
     assert again["best_epoch"] == info["best_epoch"]
     a, b = (load_weights(tmp_path / name / WEIGHTS_FILE) for name in ("stopped", "fixed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fit_resumed_after_its_stop_trains_no_further_epoch(tmp_path: Path) -> None:
+    stage = ScriptedStage(VALUES, patience=3)  # stops after epoch 8, keeps 5
+    checkpointer = Checkpointer(tmp_path, {}, interval=0.0)
+    logger = EpochLogger(None, progress=False, log=lambda line: None)
+    run_stage(stage, torch.Generator(), logger, False, checkpointer)
+    assert stage.trained == list(range(1, 9))
+    meta, groups = load_checkpoint(tmp_path)
+    assert meta["epoch"] == 8 and meta["best_epoch"] == 5
+    resumed = ScriptedStage(VALUES, patience=3)
+    best = run_stage(resumed, torch.Generator(), logger, False, None, resume=(meta, groups))
+    assert resumed.trained == [] and best.trained == 8
+    assert best.epoch == 5 and best.state["w"].item() == 5
