@@ -34,7 +34,7 @@ class Schedule:
 
 
 # paper: method.md section 4, exactly. fast (the default): chosen by benchmarks/schedule_curve.py
-# on bottle and transistor (docs/performance.md "The default schedule").
+# on bottle and transistor (docs/performance.md "The schedule, chosen by measurement").
 SCHEDULES: dict[str, Schedule] = {
     "paper": Schedule(epochs=100, patience=0, disc_epochs=300, disc_patience=0),
     "fast": Schedule(epochs=100, patience=0, disc_epochs=30, disc_patience=0),
@@ -160,9 +160,8 @@ class Config:
         run whose student fields are equal)."""
         names = (
             "preset teacher1 teacher2 attention decoder_widths image_size epochs patience "
-            "batch_size lr "
-            "momentum weight_decay val_fraction calibration_fraction seed teacher_weights "
-            "precision"
+            "batch_size lr momentum weight_decay val_fraction calibration_fraction seed "
+            "teacher_weights precision"
         ).split()
         return {name: getattr(self, name) for name in names}
 
