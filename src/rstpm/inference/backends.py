@@ -76,7 +76,7 @@ def resolve_auto(run_dir: Path, variants: Sequence[str | None], onnx_path: Path 
     one instead); with ``onnx_path``, a graph backend (OpenVINO, else ONNX Runtime).
 
     OpenVINO was the fastest backend measured at batch 16 with and without native bf16
-    (docs/performance.md: x1.9 torch bf16 + channels-last, x2.9 torch fp32 at f32) and is exact
+    (docs/performance.md: x1.85 torch bf16 + channels-last, x3.0 torch fp32 at f32) and is exact
     enough: f32 within 1e-5 of torch, bf16 within 0.005 AUROC / PRO of f32. It runs one
     variant per graph: the run's exported graph (``onnx_path``, else
     ``RUN_DIR/export/model-<variant>.onnx``, exported now when missing, once). torch instead,
