@@ -57,6 +57,13 @@ def main() -> None:
     parser.add_argument("--anomaly-source", type=Path)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--students-from",
+        type=Path,
+        metavar="DIR",
+        help="reuse the students of DIR/<category>-s<seed> (e.g. schedule_curve.py's OUT): "
+        "only the U-Net is trained, as `rstpm fit --students-from`",
+    )
     args = parser.parse_args()
     overrides = parse_overrides(args.config)
     if args.anomaly_source:
@@ -68,12 +75,15 @@ def main() -> None:
             config = Config(seed=seed, **overrides)
             run = args.out / f"{data.name}-s{seed}"
             tests = {v: run / f"test-{v}" for v in VARIANTS}
-            rows.append(fit_and_test(config, data, run, tests, label=f"{data.name} seed {seed}"))
+            students = args.students_from / f"{data.name}-s{seed}" if args.students_from else None
+            label = f"{data.name} seed {seed}"
+            rows.append(fit_and_test(config, data, run, tests, students, label))
             info = json.loads((run / "run.json").read_text())
             minutes.append(info["total_seconds"] / 60)
             print(
                 f"{data.name} seed {seed}: fit {minutes[-1]:.1f} min, students "
-                f"{info['epochs_trained']} epochs (best {info['best_epoch']}), U-Net "
+                f"{info.get('epochs_trained', 'reused')} epochs (best {info.get('best_epoch')}), "
+                "U-Net "
                 f"{info.get('disc_epochs_trained', 0)} (best {info.get('disc_best_epoch')}); "
                 f"precision {info['precision']['precision']}"
                 + (", channels-last" if info["precision"]["channels_last"] else ""),
