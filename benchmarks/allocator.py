@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from timing import cpu_model
 
+from rstpm.runs.run_dir import read_log
+
 BOTTLE = Path(__file__).resolve().parents[1].parent / "shared/data/mvtec_ad/bottle"
 SETTINGS = ("system", "keep")
 
@@ -64,7 +66,7 @@ def one_fit(setting: str, args: argparse.Namespace, tmp: Path, index: int) -> di
     command = [sys.executable, "-c", CHILD, str(usage_file), *fit_args]
     subprocess.run(command, check=True, env=env)
     usage = json.loads(usage_file.read_text())
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    log = read_log(run)
     info = json.loads((run / "run.json").read_text())
     return {
         "setting": setting,

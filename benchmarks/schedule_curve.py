@@ -46,7 +46,7 @@ from rstpm.data.layout import list_test_samples
 from rstpm.inference.backends import torch_backend
 from rstpm.inference.maps import predict_maps
 from rstpm.metrics.protocol import evaluate
-from rstpm.runs.run_dir import RUN_FILE, load_run
+from rstpm.runs.run_dir import RUN_FILE, load_run, read_log
 from rstpm.training.fit import fit
 from rstpm.training.loop import stops_early
 
@@ -85,13 +85,13 @@ def config_for(args: argparse.Namespace, seed: int) -> Config:
     )
 
 
-def read_log(run: Path) -> dict[str, list[float]]:
-    """Each stage's validation values by epoch (index 0 = epoch 1)."""
+def by_stage(records: list[dict[str, Any]], key: str | None = None) -> dict[str, list[float]]:
+    """Each stage's ``key`` by epoch (index 0 = epoch 1) from train_log.jsonl's records; ``key``
+    None: the stage's validation value."""
     values: dict[str, list[float]] = {"students": [], "discriminative": []}
-    for line in (run / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        key = "val_score" if record["stage"] == "students" else "val_loss"
-        values[record["stage"]].append(record[key])
+    for record in records:
+        validation = "val_score" if record["stage"] == "students" else "val_loss"
+        values[record["stage"]].append(record[key or validation])
     return values
 
 
@@ -161,7 +161,8 @@ def measure(args: argparse.Namespace, data: Path, seed: int) -> dict[str, Any]:
         }
         fit(config, data, run, progress=False, snapshots=snapshots, log=log)
     info = json.loads((run / RUN_FILE).read_text())
-    values = read_log(run)
+    records = read_log(run)
+    values = by_stage(records)
     evaluator = Evaluator(run, data, run / "curve.json")
     out: dict[str, Any] = {"info": info, "points": {}, "patience": {}}
     for stage, points, patiences in (
@@ -183,18 +184,10 @@ def measure(args: argparse.Namespace, data: Path, seed: int) -> dict[str, Any]:
                 "kept": kept,
                 **evaluator.metrics(stage, kept),
             }
-    out["seconds"] = stage_seconds(run)
+    # mean seconds of a student epoch and of a U-Net epoch (pools included), with validation
+    seconds = by_stage(records, "seconds")
+    out["seconds"] = {k: float(np.mean(v)) for k, v in seconds.items() if v}
     return out
-
-
-def stage_seconds(run: Path) -> dict[str, float]:
-    """Mean seconds of a student epoch and of a U-Net epoch (its pool synthesis included), with
-    validation, from train_log.jsonl."""
-    seconds: dict[str, list[float]] = {"students": [], "discriminative": []}
-    for line in (run / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        seconds[record["stage"]].append(record["seconds"])
-    return {k: float(np.mean(v)) for k, v in seconds.items() if v}
 
 
 def mean_row(rows: list[dict[str, dict[str, float]]], variant: str) -> str:

@@ -66,6 +66,7 @@ from rstpm.data.layout import list_train_samples
 from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
 from rstpm.data.synthetic import make_synthetic_category
 from rstpm.hardware import torch_threads
+from rstpm.runs.run_dir import read_log
 from rstpm.runs.teachers import build_model
 from rstpm.training.discriminator import reduce_masks
 
@@ -318,7 +319,7 @@ def full_schedule(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         subprocess.run(command, check=True, env=env)
         wall = time.perf_counter() - started
-        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        log = read_log(run)
         info = json.loads((run / "run.json").read_text())
     target = tuple(args.target)
     result = project_schedule(wall, log, target)

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--onnx",
         type=Path,
-        help="graph for --backend onnx|openvino (default RUN/export/model-VARIANT.onnx)",
+        help="graph for --backend auto|onnx|openvino (default RUN/export/model-VARIANT.onnx)",
     )
 
     predict = sub.add_parser(
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--variant", choices=VARIANTS, help="default: full, or st")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
-    predict.add_argument("--onnx", type=Path, help="graph for --backend onnx|openvino")
+    predict.add_argument("--onnx", type=Path, help="graph for --backend auto|onnx|openvino")
     predict.add_argument("--precision", choices=REQUESTS, help="torch and openvino backends")
     predict.add_argument("--quiet", action="store_true", help="no summary on stderr")
     predict.add_argument(

@@ -25,7 +25,7 @@ from rstpm.core.fusion import VARIANTS
 from rstpm.evaluation.evaluate import test_variants
 from rstpm.evaluation.paper_results import FULL_BY_CATEGORY, MEAN_BY_ABLATION, MEAN_BY_VARIANT
 from rstpm.runs.files import atomic_write_bytes, atomic_write_json, read_json
-from rstpm.runs.run_dir import CONFIG_FILE, LOG_FILE, RUN_FILE, is_run
+from rstpm.runs.run_dir import CONFIG_FILE, LOG_FILE, RUN_FILE, is_run, read_log
 from rstpm.training.fit import fit
 
 # Ablation name -> Config overrides (the paper's Tables III and IV, and our U-Net resolution).
@@ -84,10 +84,9 @@ def ensure_run(
 def median_epoch_seconds(run: Path, stage: str, fields: Sequence[str]) -> float | None:
     """Median over a stage's epochs (train_log.jsonl) of the sum of ``fields``: robust to the
     odd epoch slowed by other work on a shared machine."""
-    path = Path(run) / LOG_FILE
-    if not path.is_file():
+    if not (Path(run) / LOG_FILE).is_file():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_log(run)
     values = [sum(r[f] for f in fields) for r in records if r.get("stage", "students") == stage]
     return float(statistics.median(values)) if values else None
 

@@ -17,6 +17,7 @@ Nothing is unpickled: weights are safetensors, everything else is JSON.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ VERIFIED_FILES = (WEIGHTS_FILE, CONFIG_FILE, RUN_FILE)
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors))
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's train_log.jsonl, one per epoch of each stage, in order."""
+    text = (Path(run_dir) / LOG_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
