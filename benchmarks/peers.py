@@ -54,17 +54,14 @@ ANOMALIB_REQUIREMENTS = (
 
 Triple = tuple[float | None, float | None, float | None]
 
-# Published per-category numbers (image AUROC, pixel AUROC, PRO) of each method's paper, with the
-# paper's own backbone; None where the paper gives no per-category value (see peers.md).
+# Published per-category numbers (image AUROC, pixel AUROC, PRO) of each peer's paper, each with
+# its source (table and page), checked against the paper. None is restated today: the values this
+# table used to hold could not be checked against the papers here, and STFPM's official
+# repository lists other PRO values (bottle 0.959, transistor 0.881, from its released
+# checkpoints) than the ones it held (0.951, 0.695). The column shows n/a until a value is added
+# here with its source; rstpm's own row quotes arXiv 2210.07548 (rstpm.evaluation.paper_results).
 PUBLISHED: dict[str, dict[str, Triple]] = {
-    # STFPM (Wang et al., BMVC 2021), ResNet18: pixel AUROC and PRO per category
-    "stfpm": {"bottle": (None, 0.988, 0.951), "transistor": (None, 0.825, 0.695)},
-    # RD4AD (Deng & Li, CVPR 2022), WideResNet50
-    "rd": {"bottle": (1.000, 0.987, 0.966), "transistor": (0.967, 0.925, 0.780)},
-    # DRAEM (Zavrtanik et al., ICCV 2021): image and pixel AUROC; no PRO
-    "draem": {"bottle": (0.992, 0.991, None), "transistor": (0.931, 0.909, None)},
-    # PatchCore (Roth et al., CVPR 2022), WideResNet50, coreset 25 %: image AUROC
-    "patchcore": {"bottle": (1.000, None, None), "transistor": (1.000, None, None)},
+    method: {} for method in ("stfpm", "rd", "draem", "patchcore")
 }
 
 # The published schedule of each peer (epochs, batch size) and its layers on Lite0.
@@ -716,8 +713,8 @@ def notes(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]:
         "evaluate; image score = the model's pred_score (rstpm: max of its map at 256 px).",
         "anomalib models train on all train/good images with no validation and fixed epochs; "
         "rstpm trains on 80 % and selects checkpoints on 10 % of train/good (never test data).",
-        "Published column: each paper's per-category numbers with the paper's backbone "
-        "(STFPM ResNet18, RD/PatchCore WideResNet50); n/a = not published per category.",
+        "Published column: rstpm's row quotes its paper (arXiv 2210.07548, ResNet teachers); "
+        "the peers' papers are not restated (n/a) until checked against them with table and page.",
     ]
     others = [r["other_processes_cores"] for r in results if r.get("other_processes_cores")]
     if others and max(others) > 0.2:

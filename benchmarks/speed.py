@@ -23,7 +23,7 @@ Epoch times are medians of a few measured steps, times the number of steps of an
 Students start random (speed does not depend on training); teachers are the real Lite weights.
 
     python benchmarks/speed.py [--repeats 3] [--pool-refresh 5] [--threads N] [--image-size S]
-                               [--no-onnx] [--no-openvino] [--inference-only] [--no-bf16]
+        [--no-onnx] [--no-openvino] [--inference-only | --training-only] [--no-bf16]
 
 ``--full-schedule`` instead times the default ``rstpm fit`` end to end (a subprocess: start,
 image loading, teacher cache, both stages with their synthesis, validations and checkpoints,
@@ -65,7 +65,7 @@ from rstpm.data.dataset import load_all_images
 from rstpm.data.layout import list_train_samples
 from rstpm.data.synthesis import AnomalySource, PseudoAnomalySynthesizer
 from rstpm.data.synthetic import make_synthetic_category
-from rstpm.hardware import torch_threads
+from rstpm.hardware import keep_freed_memory, torch_threads
 from rstpm.runs.run_dir import read_log
 from rstpm.runs.teachers import build_model
 from rstpm.training.discriminator import reduce_masks
@@ -204,6 +204,7 @@ def training_epochs(
     for name, cached, precision, channels_last in (
         ("naive fp32, teachers every step", False, "fp32", False),
         ("cached teachers, fp32 (exact)", True, "fp32", False),
+        ("cached teachers, fp32 + channels-last", True, "fp32", True),
         ("cached teachers, bf16 + channels-last", True, "bf16", True),
     ):
         step = student_step(model, images[:32], cached, precision, channels_last)
@@ -224,6 +225,7 @@ def training_epochs(
     for key, cfg, precision, cl in (
         ("full fp32", full, "fp32", False),
         ("quarter fp32", config, "fp32", False),
+        ("quarter fp32 + CL", config, "fp32", True),
         ("quarter bf16", config, "bf16", True),
     ):
         side = cfg.disc_map_size[0]
@@ -246,6 +248,13 @@ def training_epochs(
         f"  default (exact): fresh pool fp32 {measured['quarter fp32'][0]:.1f} s + U-Net at "
         f"{size // 4}px fp32 {measured['quarter fp32'][1]:.1f} s = {exact:.1f} s  "
         f"x{naive / exact:.1f}  (U-Net peak +{measured['quarter fp32'][2]:.0f} MiB)"
+    )
+    pool32, unet32, _ = measured["quarter fp32 + CL"]
+    fp32_cl = pool32 / pool_refresh + unet32
+    print(
+        f"  fp32 + CL: pool {pool32:.1f} s / refresh {pool_refresh} + U-Net at {size // 4}px "
+        f"{unet32:.1f} s = {fp32_cl:.1f} s  x{naive / fp32_cl:.1f}  (x{exact / fp32_cl:.1f} vs "
+        f"default; U-Net peak +{measured['quarter fp32 + CL'][2]:.0f} MiB)"
     )
     print(
         f"  optimised: pool bf16 + CL {pool:.1f} s / refresh {pool_refresh} + U-Net at "
@@ -348,6 +357,9 @@ def main() -> None:
         "--inference-only", action="store_true", help="skip the student and U-Net epochs"
     )
     parser.add_argument(
+        "--training-only", action="store_true", help="only the student and U-Net epochs"
+    )
+    parser.add_argument(
         "--no-bf16",
         action="store_true",
         help="no torch bf16 matmul peak or inference rows (a CPU without native bf16 emulates "
@@ -376,6 +388,7 @@ def main() -> None:
         full_schedule(args)
         return
     size, repeats = args.image_size, args.repeats
+    keep_freed_memory()  # as `rstpm fit` and the CLI do (RSTPM_MALLOC=system: glibc's own)
 
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
@@ -394,6 +407,8 @@ def main() -> None:
 
     if not args.inference_only:
         training_epochs(model, images, config, repeats, args.pool_refresh)
+    if args.training_only:
+        return
 
     # --- inference ------------------------------------------------------------------------------
     model.eval()

@@ -98,10 +98,10 @@ def test_failed_method_row() -> None:
     assert row.endswith("| FAILED: worker failed |")
 
 
-def test_every_peer_has_a_schedule_description_and_published_numbers() -> None:
+def test_every_peer_has_a_schedule_description_and_a_published_entry() -> None:
     for method in peers.PEERS:
         assert method in peers.PEER_SCHEDULE and method in peers.PEER_DESCRIPTION
-        assert set(peers.PUBLISHED[method]) == {"bottle", "transistor"}
+        assert set(peers.PUBLISHED[method]) <= {"bottle", "transistor"}
 
 
 def test_score_raw_maps_uses_rstpm_protocol(synthetic_category: Path) -> None:

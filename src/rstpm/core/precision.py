@@ -6,8 +6,10 @@ a switch because it changes the numbers: measure it against ``fp32`` (benchmarks
 the README) before trusting it on a new category.
 
 ``auto`` (the command line's default) is resolved by :func:`choose_precision` from the CPU's
-flags: bf16 with the channels-last layout where the CPU computes bf16 natively, fp32 elsewhere
-(a CPU without those instructions emulates bf16, many times slower than fp32).
+flags: bf16 where the CPU computes bf16 natively, fp32 elsewhere (a CPU without those
+instructions emulates bf16, many times slower than fp32), both in the channels-last layout
+(oneDNN's faster convolutions: the fp32 student epoch 1.5x faster, docs/performance.md). The
+exact path is an explicit ``fp32`` without ``channels_last``.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ def choose_precision(
 ) -> PrecisionChoice:
     """Resolve ``auto`` / ``fp32`` / ``bf16`` against a CPU's flags.
 
-    ``auto`` gives bf16 + channels-last when one of :data:`NATIVE_BF16_FLAGS` is present, else
-    fp32 with the layout asked for; an explicit precision is kept as it is.
+    ``auto`` gives bf16 when one of :data:`NATIVE_BF16_FLAGS` is present, else fp32, both with
+    channels-last; an explicit precision is kept as it is, with the layout asked for.
     """
     if requested not in REQUESTS:
         raise ValueError(f"precision must be one of {', '.join(REQUESTS)}, got {requested!r}")
     native = any(flag in cpu_flags for flag in NATIVE_BF16_FLAGS)
     if requested == "auto":
         precision = "bf16" if native else "fp32"
-        return PrecisionChoice(requested, precision, channels_last or native, native)
+        return PrecisionChoice(requested, precision, True, native)
     return PrecisionChoice(requested, requested, channels_last, native)
