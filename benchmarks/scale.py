@@ -286,7 +286,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines += table(t["rows"], "per_hour")
         # the per-job overhead: the same serial work with and without Ray (1 task x all CPUs)
         overhead = max(t["rows"][1]["seconds"] - t["rows"][0]["seconds"], 0.0)
-        lines += ["projection (not a measurement; at this tiny schedule, see the README):"]
+        lines += ["projection (not a measurement; at this tiny schedule, see docs/cluster.md):"]
         lines += projection(t["rows"], "per_hour", overhead, args.project_categories)
     if "ddp" in results:
         d = results["ddp"]

@@ -1,7 +1,8 @@
 """rstpm: Reconstructed Student-Teacher and Discriminative Networks for anomaly detection.
 
-Reference implementation of Yamada, Kamiya, Hotta, arXiv 2210.07548. See README.md for the map
-from each equation of the paper to the module that implements it, and for the layers:
+Reference implementation of Yamada, Kamiya, Hotta, arXiv 2210.07548. See docs/method.md for the
+map from each equation of the paper to the module that implements it, and docs/architecture.md
+for the layers:
 
     core -> config -> data -> metrics -> runs -> training -> inference -> evaluation -> serve -> cli
 

@@ -18,7 +18,8 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 # New pseudo-anomalies every this many U-Net epochs unless --precision fp32 (the exact path: every
 # epoch, as DRAEM) or --disc-pool-refresh says otherwise. Chosen by benchmarks/pool_refresh.py on
-# bottle and transistor (README "Choosing the pool refresh"): no cost in accuracy, a shorter stage.
+# bottle and transistor (docs/performance.md, "The pool refresh"): no cost in accuracy, a shorter
+# stage.
 DEFAULT_POOL_REFRESH = 5
 
 

@@ -5,7 +5,7 @@ squeezes it into ONE channel with a trained 1x1 convolution and a sigmoid, and m
 student's feature map pixel-wise with it: it can emphasise or suppress positions without leaking
 the teacher's feature vector itself. The teacher side is detached (no gradient into the teacher).
 
-Choices where the paper is silent (documented in the README):
+Choices where the paper is silent (documented in docs/method.md):
 
 * Gate form ``h * a`` (the paper's "multiply"), ``a = sigmoid(conv1x1(teacher))``.
 * Where it acts: on the student's *hidden* feature of that stage, and the gated map is what feeds

@@ -3,7 +3,7 @@
 ``bf16`` runs convolutions and matrix products in bfloat16 (fast on CPUs with AVX-512 BF16 or
 AMX); parameters, optimiser state, the distances of Eq. 2 and the losses stay in float32. It is
 a switch because it changes the numbers: measure it against ``fp32`` (benchmarks/speed.py and
-the README) before trusting it on a new category.
+docs/performance.md) before trusting it on a new category.
 
 ``auto`` (the command line's default) is resolved by :func:`choose_precision` from the CPU's
 flags: bf16 where the CPU computes bf16 natively, fp32 elsewhere (a CPU without those

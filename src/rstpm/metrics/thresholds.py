@@ -13,9 +13,10 @@ unchanged, and reversible: the raw value, the threshold and the scale are all ke
 ``RUN/thresholds.json`` (per variant) and can be recalibrated at any time from the stored normal
 statistics or from a labelled set (F1-optimal), never baked into weights or exports.
 
-Caveat, stated in the README: the held-out normals also pick the student checkpoint (lowest mean
-score), so their scores are slightly optimistic and the realised false-alarm rate on new normal
-images can exceed the target.
+The held-out normals are split: one half picks the checkpoints, the other calibrates (the
+default ``calibration_fraction``). With ``--calibration-fraction 0`` the same images do both, so
+their scores are slightly optimistic and the realised false-alarm rate on new normal images can
+exceed the target (docs/inspection.md).
 """
 
 from __future__ import annotations
