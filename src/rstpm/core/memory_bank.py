@@ -71,8 +71,8 @@ def greedy_coreset(
     index = first
     for k in range(count):
         chosen[k] = index
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, one matrix-vector product per chosen row
-        distance = squared - 2.0 * (x @ x[index]) + squared[index]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one fused matrix-vector product per row
+        distance = torch.addmv(squared, x, x[index], alpha=-2.0).add_(squared[index])
         torch.minimum(nearest, distance, out=nearest)
         index = int(torch.argmax(nearest))
     return chosen
