@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rstpm._version import __version__
 from rstpm.config import (
@@ -33,12 +35,54 @@ BACKENDS = ("auto", "torch", "onnx", "openvino")
 """``--backend`` choices (rstpm.inference.backends: AUTO and BACKENDS, without importing torch
 here)."""
 BACKEND_HELP = (
-    "auto (default): OpenVINO where installed (the run's graph, exported on first use into "
+    "auto: OpenVINO where installed (the run's graph, exported on first use into "
     "RUN/export/), else torch; $RSTPM_BACKEND pins what auto runs. onnx: ONNX Runtime, openvino: "
     "OpenVINO, on the graph of `rstpm export` (its one variant)"
 )
 GRAPH_BACKENDS = ("auto", "onnx", "openvino")
 """The backends that run the exported graph (``--onnx FILE``)."""
+MASKS_HELP = "mask folder for the generic folder layout (default: an MVTec category's ground_truth)"
+DEFAULT_GRAPH = "RUN/export/model-VARIANT.onnx"
+"""Where ``--onnx`` and ``export --out`` default to (rstpm.inference.onnx_runtime)."""
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` names every option's default.
+
+    An option whose default is a value gets `` (default: VALUE)`` after its help (or as its
+    help). An option whose default is None or "" (filled from the schedule, the run or the
+    preset; or "off") says in its own help, in words, what it falls back to (``default: from
+    --schedule (fast: 100)``). Flags (store_true, --help, --version), required options and
+    positionals show none. tests/test_cli_help.py checks that every option does one or the other.
+    """
+
+    @staticmethod
+    def _shows_value(action: argparse.Action) -> bool:
+        return (
+            bool(action.option_strings)
+            and action.nargs != 0
+            and not action.required
+            and action.default not in (None, "", argparse.SUPPRESS)
+            and "%(default)" not in (action.help or "")
+        )
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_value(action):
+            action = copy.copy(action)  # argparse prints no help line for an option without help
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if self._shows_value(action):
+            return f"{help_text} (default: %(default)s)"
+        return help_text
+
+
+def _from_schedule(field: str) -> str:
+    """``default: from --schedule (fast: N)``, for the options the schedule fills."""
+    value = getattr(SCHEDULES[DEFAULT_SCHEDULE], field)
+    return f"default: from --schedule ({DEFAULT_SCHEDULE}: {value})"
 
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,18 +92,20 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         choices=sorted(SCHEDULES),
         default=DEFAULT_SCHEDULE,
-        help=f"{DEFAULT_SCHEDULE} (default): {fast.epochs} student epochs (patience "
+        help=f"{DEFAULT_SCHEDULE}: {fast.epochs} student epochs (patience "
         f"{fast.patience}) + {fast.disc_epochs} U-Net epochs (patience {fast.disc_patience}), "
         f"chosen by measurement; paper: the paper's {paper.epochs} + {paper.disc_epochs}, no "
         "early stop. --epochs, --patience, --disc-epochs, --disc-patience override it",
     )
-    parser.add_argument("--epochs", type=int, help="student epochs at most (default: schedule's)")
+    parser.add_argument(
+        "--epochs", type=int, help=f"student epochs at most ({_from_schedule('epochs')})"
+    )
     parser.add_argument(
         "--patience",
         type=int,
         metavar="K",
         help="end the students' stage once K epochs gave no lower validation score on the "
-        "held-out normals (0: never; default: the schedule's)",
+        f"held-out normals (0: never; {_from_schedule('patience')})",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=256)
@@ -91,7 +137,8 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--teacher-weights",
         nargs=2,
         metavar=("T1", "T2"),
-        help="local weight files of teacher 1 and 2 ('-' keeps the preset's source)",
+        help="local weight files of teacher 1 and 2 ('-' keeps the preset's source; "
+        "default: the preset's source for both)",
     )
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute teacher features every step (slow)"
@@ -100,8 +147,8 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=REQUESTS,
         default="auto",
-        help="auto (default): bf16 + channels-last where the CPU has native bf16 (AVX-512 BF16 "
-        "or AMX), else fp32; fp32: the exact path (with new pseudo-anomalies every U-Net epoch "
+        help="auto: bf16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else fp32, "
+        "both channels-last; fp32: the exact path (with new pseudo-anomalies every U-Net epoch "
         "unless --disc-pool-refresh says otherwise); bf16: autocast convolutions to bfloat16 "
         "(not exact)",
     )
@@ -113,7 +160,8 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher2",
         default="",
-        help="T2's timm architecture; 'small' = T1's (Table III's ablation)",
+        help="T2's timm architecture; 'small' = T1's, Table III's ablation (default: the "
+        "preset's T2)",
     )
     parser.add_argument(
         "--checkpoint-interval",
@@ -137,9 +185,16 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     disc = parser.add_argument_group("discriminative network (stage 2)")
     disc.add_argument(
-        "--disc-epochs", type=int, help="U-Net epochs at most (0: no discriminative net)"
+        "--disc-epochs",
+        type=int,
+        help=f"U-Net epochs at most (0: no discriminative net; {_from_schedule('disc_epochs')})",
     )
-    disc.add_argument("--disc-patience", type=int, metavar="K", help="as --patience, for the U-Net")
+    disc.add_argument(
+        "--disc-patience",
+        type=int,
+        metavar="K",
+        help=f"as --patience, for the U-Net ({_from_schedule('disc_patience')})",
+    )
     disc.add_argument("--disc-lr", type=float, default=1e-4)
     disc.add_argument("--disc-batch-size", type=int, default=16)
     disc.add_argument("--disc-resolution", choices=DISC_RESOLUTIONS, default="quarter")
@@ -164,7 +219,8 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     disc.add_argument(
         "--students-from",
         type=Path,
-        help="reuse the students of a run with identical student settings (skip stage 1)",
+        help="reuse the students of a run with identical student settings (skip stage 1; "
+        "default: train them)",
     )
 
 
@@ -176,7 +232,8 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
         const="",
         metavar="ADDRESS",
         help="run on Ray: alone, RAY_ADDRESS or the cluster started on this machine or a new "
-        "local one; auto: a running cluster; local: a new local one; or HOST:PORT",
+        "local one; auto: a running cluster; local: a new local one; or HOST:PORT (default: "
+        "no Ray, in this process)",
     )
     if training:
         group.add_argument(
@@ -194,7 +251,8 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
         group.add_argument(
             "--workers",
             type=int,
-            help="data-parallel training of one category on N Ray Train workers (torch DDP)",
+            help="data-parallel training of one category on N Ray Train workers (torch DDP; "
+            "default: none, one task per category)",
         )
     else:
         group.add_argument(
@@ -205,30 +263,44 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
         group.add_argument("--num-cpus", type=int, default=1, help="CPUs of each actor")
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """Each subcommand's parser: its --help names the defaults too (DefaultsHelpFormatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rstpm",
         description="Reconstructed student-teacher anomaly detection (arXiv 2210.07548).",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"rstpm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
 
     fit = sub.add_parser("fit", help="train on the normal images of a dataset")
     fit.add_argument(
         "--data",
         type=Path,
         nargs="+",
-        help="MVTec category or image folder; several with --ray (one run per category)",
+        help="MVTec category or image folder; several with --ray (one run per category; no "
+        "default: needed without --resume)",
     )
     fit.add_argument(
-        "--out", type=Path, help="run directory to create (with several --data: the runs' folder)"
+        "--out",
+        type=Path,
+        help="run directory to create (with several --data: the runs' folder; no default: "
+        "needed without --resume)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing run")
     fit.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue an interrupted fit from its last epoch checkpoint (its own settings)",
+        help="continue an interrupted fit from its last epoch checkpoint (its own settings; "
+        "default: a new fit)",
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     fit.add_argument("--json", action="store_true", help="print run.json when done")
@@ -243,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=VARIANTS,
         help="default: full (Eq. 7), or st (Eq. 5) for a run without discriminative net",
     )
-    test.add_argument("--masks", type=Path, help="mask folder for the generic folder layout")
-    test.add_argument("--out", type=Path, help="output folder (default RUN/test)")
+    test.add_argument("--masks", type=Path, help=MASKS_HELP)
+    test.add_argument("--out", type=Path, help="output folder (default: RUN/test)")
     test.add_argument("--batch-size", type=int, default=16)
     test.add_argument("--quiet", action="store_true")
     test.add_argument("--json", action="store_true", help="print metrics.json to stdout")
@@ -258,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--onnx",
         type=Path,
-        help="graph for --backend auto|onnx|openvino (default RUN/export/model-VARIANT.onnx)",
+        help=f"graph for --backend auto|onnx|openvino (default: {DEFAULT_GRAPH})",
     )
 
     predict = sub.add_parser(
@@ -266,12 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--run", type=Path, required=True)
     predict.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
-    predict.add_argument("--save-dir", type=Path, help="write <name>_overlay.png, <name>_mask.png")
+    predict.add_argument(
+        "--save-dir",
+        type=Path,
+        help="write <name>_overlay.png, <name>_mask.png (default: no images written)",
+    )
     predict.add_argument("--variant", choices=VARIANTS, help="default: full, or st")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
-    predict.add_argument("--onnx", type=Path, help="graph for --backend auto|onnx|openvino")
-    predict.add_argument("--precision", choices=REQUESTS, help="torch and openvino backends")
+    predict.add_argument(
+        "--onnx",
+        type=Path,
+        help=f"graph for --backend auto|onnx|openvino (default: {DEFAULT_GRAPH})",
+    )
+    predict.add_argument(
+        "--precision", choices=REQUESTS, help="torch and openvino backends (default: the run's)"
+    )
     predict.add_argument("--quiet", action="store_true", help="no summary on stderr")
     predict.add_argument(
         "--json", action="store_true", help="(default) one JSON line per image on stdout"
@@ -280,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="RESULTS",
-        help="with --ray: write the records to RESULTS (.jsonl, or .parquet) instead of stdout",
+        help="with --ray: write the records to RESULTS (.jsonl, or .parquet) instead of stdout "
+        "(no default: needed with --ray)",
     )
     _add_ray_arguments(predict, training=False)
 
@@ -290,19 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--data", type=Path, required=True, help="MVTec category, training or test folder"
     )
-    check.add_argument("--masks", type=Path, help="mask folder for the generic folder layout")
+    check.add_argument("--masks", type=Path, help=MASKS_HELP)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
 
     threshold = sub.add_parser(
         "threshold", help="recalibrate a run's thresholds (normal images or a labelled set)"
     )
     threshold.add_argument("--run", type=Path, required=True)
-    threshold.add_argument("--false-alarm-rate", type=float, help="target on normal images")
-    threshold.add_argument("--pixel-false-alarm-rate", type=float)
     threshold.add_argument(
-        "--data", type=Path, help="labelled test set: F1-optimal thresholds instead"
+        "--false-alarm-rate",
+        type=float,
+        help="target on normal images (default: the run's current one)",
     )
-    threshold.add_argument("--masks", type=Path, help="mask folder for the generic layout")
+    threshold.add_argument(
+        "--pixel-false-alarm-rate",
+        type=float,
+        help="target on normal pixels (default: the run's current one)",
+    )
+    threshold.add_argument(
+        "--data",
+        type=Path,
+        help="labelled test set: F1-optimal thresholds instead (default: none, from the run's "
+        "held-out normals)",
+    )
+    threshold.add_argument("--masks", type=Path, help=MASKS_HELP)
     threshold.add_argument("--quiet", action="store_true")
     threshold.add_argument("--json", action="store_true", help="print thresholds.json")
 
@@ -314,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=VARIANTS,
         help="default: full (Eq. 7), or st (Eq. 5) for a run without discriminative net",
     )
-    export.add_argument("--out", type=Path, help="default RUN/export/model-VARIANT.onnx")
+    export.add_argument("--out", type=Path, help=f"default: {DEFAULT_GRAPH}")
     export.add_argument("--json", action="store_true", help="print the export's sidecar JSON")
 
     bench = sub.add_parser("bench", help="train and test a grid of categories x ablations")
@@ -340,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]RUN_DIR",
         help="a run to serve under NAME (default: the folder's name); repeat for several",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0: every interface"
+    )
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch-size", type=int, default=16, help="images per batch")
     serve.add_argument(
@@ -351,12 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (MiB)")
     serve.add_argument(
-        "--api-key", help="require Authorization: Bearer KEY (default: $RSTPM_API_KEY)"
+        "--api-key",
+        help="require Authorization: Bearer KEY (default: $RSTPM_API_KEY; unset: no key)",
     )
     serve.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
 
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
-    demo.add_argument("--out", type=Path, help="folder for the data and the run (default: temp)")
+    demo.add_argument(
+        "--out", type=Path, help="folder for the data and the run (default: a new temp folder)"
+    )
     demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("--disc-epochs", type=int, default=10)
     demo.add_argument("--quiet", action="store_true")
