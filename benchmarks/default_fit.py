@@ -1,7 +1,8 @@
 """The default fit against the paper schedule's reference numbers: time and accuracy.
 
 Not a test. Fits each category once per seed with the defaults (``Config()``, the same as a
-plain ``rstpm fit``; ``--config KEY=VALUE`` overrides), tests the four variants and prints per
+plain ``rstpm fit``; ``--config KEY=VALUE`` overrides), tests every variant the run has (the
+paper's four, and ``mem`` and ``full+mem`` with the memory of normal patches) and prints per
 category: each seed's fit minutes (run.json ``total_seconds``: from loading the images to the
 written run; a command adds its ~5 s of start-up) and epochs trained, every variant's metrics
 per seed and their mean, and the mean's shortfall against the reference numbers below (a
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from rstpm.config import Config
-from rstpm.core.fusion import VARIANTS
+from rstpm.core.fusion import available_variants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from cached_runs import fit_and_test  # noqa: E402
@@ -73,8 +74,9 @@ def main() -> None:
         rows, minutes = [], []
         for seed in args.seeds:
             config = Config(seed=seed, **overrides)
+            variants = available_variants(config.disc_epochs > 0, config.memory_fraction > 0)
             run = args.out / f"{data.name}-s{seed}"
-            tests = {v: run / f"test-{v}" for v in VARIANTS}
+            tests = {v: run / f"test-{v}" for v in variants}
             students = args.students_from / f"{data.name}-s{seed}" if args.students_from else None
             label = f"{data.name} seed {seed}"
             rows.append(fit_and_test(config, data, run, tests, students, label))
@@ -95,7 +97,7 @@ def main() -> None:
             f"epochs, patience {config.patience} / {config.disc_patience}), seeds {args.seeds}, "
             f"fit {statistics.mean(minutes):.1f} min mean, {max(minutes):.1f} max"
         )
-        for variant in VARIANTS:
+        for variant in variants:
             per_seed = [tuple(row[variant][m] for m in METRICS) for row in rows]
             mean = tuple(statistics.mean(values) for values in zip(*per_seed, strict=True))
             cells = "  ".join(" / ".join(f"{x:.3f}" for x in values) for values in per_seed)

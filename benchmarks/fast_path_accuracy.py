@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rstpm.config import Config
-from rstpm.core.fusion import VARIANTS
+from rstpm.core.fusion import PAPER_VARIANTS as VARIANTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling cached_runs.py
 from cached_runs import fit_and_test  # noqa: E402

@@ -142,6 +142,7 @@ def test_other_cpu_measures_a_non_negative_core_count() -> None:
     assert other.cores is None or other.cores >= 0.0
 
 
+@pytest.mark.slow
 def test_hf_cache_loads_offline_in_timm(tmp_path: Path) -> None:
     """timm's own pretrained loader, offline, takes exactly the cache's tensors."""
     weights = peers.build_hf_cache(tmp_path / "hub")

@@ -214,6 +214,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no chromium/chromium-browser on PATH")
 def test_report_renders_in_a_browser(tested_run: Path, tmp_path: Path) -> None:
     """Chromium renders the page to a non-blank screenshot. RSTPM_UPDATE_SCREENSHOT=1 copies it

@@ -711,6 +711,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no chromium/chromium-browser on PATH")
 def test_the_page_lists_the_runs_in_a_browser(live: str, tmp_path: Path) -> None:
     command = [

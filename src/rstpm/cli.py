@@ -28,7 +28,7 @@ from rstpm.config import (
     Config,
 )
 from rstpm.core.attention import PLACEMENTS
-from rstpm.core.fusion import VARIANTS
+from rstpm.core.fusion import VARIANTS, available_variants
 from rstpm.core.precision import REQUESTS
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
@@ -215,6 +215,21 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="probability that a normal image is rotated by up to +-90 degrees before its "
         "pseudo-anomaly (DRAEM: 0.3)",
+    )
+    disc.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="beyond the paper: keep this share of the training images' T1 patches as a "
+        "memory of normal patches (Omega^8; variants mem, full+mem); 0: none",
+    )
+    disc.add_argument(
+        "--memory-projection",
+        type=int,
+        default=64,
+        metavar="D",
+        help="dimensions of the random projection the memory's greedy coreset measures on",
     )
     disc.add_argument(
         "--students-from",
@@ -495,6 +510,8 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None,
         disc_pool_refresh=args.disc_pool_refresh,
         disc_image_rotation=args.disc_image_rotation,
+        memory_fraction=args.memory_fraction,
+        memory_projection=args.memory_projection,
     )
 
 
@@ -820,7 +837,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     run = root / "run"
     fit(config, data, run, progress=not args.quiet)
-    variants = VARIANTS if args.disc_epochs > 0 else ("stpm", "st")
+    variants = available_variants(args.disc_epochs > 0, config.memory_fraction > 0)
     outs = [run / f"test_{v}" for v in variants]
     for result in test_variants(run, data, variants, outs, progress=not args.quiet):
         _print_metrics(result)

@@ -89,6 +89,11 @@ class Config:
     disc_pool_refresh: int | None = None
     disc_image_rotation: float = 0.0  # P(rotate a normal image +-90 deg first); DRAEM: 0.3
     teacher_weights: tuple[str | None, str | None] = field(default=(None, None))
+    # Beyond the paper (core/memory_bank.py): the memory of normal patches behind Omega^8, built
+    # at the end of fit from the training images' T1 features: this share of their patches,
+    # chosen by greedy k-centre on a random projection to memory_projection dimensions; 0: none
+    memory_fraction: float = 0.01
+    memory_projection: int = 64
     # Thresholds calibrated at the end of fit on the held-out normals (training/calibrate.py);
     # editable afterwards with `rstpm threshold`
     # a training checkpoint after an epoch once this many seconds passed since the last one,
@@ -127,6 +132,8 @@ class Config:
             raise ValueError(f"--disc-resolution must be one of {', '.join(DISC_RESOLUTIONS)}")
         if not 0.0 <= self.disc_image_rotation <= 1.0:
             raise ValueError("--disc-image-rotation must lie in [0, 1]")
+        if not 0.0 <= self.memory_fraction <= 1.0 or self.memory_projection < 1:
+            raise ValueError("--memory-fraction must lie in [0, 1], --memory-projection >= 1")
         if self.patience < 0 or self.disc_patience < 0:
             raise ValueError("--patience and --disc-patience must be >= 0 epochs (0: never stop)")
         if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:
@@ -173,5 +180,7 @@ class Config:
     def from_dict(cls, data: dict[str, Any]) -> Config:
         if "schedule" not in data:  # stored before schedules: the paper's, no early stop
             data = {"schedule": "paper", "patience": 0, "disc_patience": 0, **data}
+        if "memory_fraction" not in data:  # stored before the memory: a run without one
+            data = {"memory_fraction": 0.0, **data}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -9,6 +9,15 @@ resolutions MULTIPLIED:
     STPM:   Omega = Omega^1 * Omega^2 * Omega^3                 (pair 1 alone, Wang et al.)
     disc:   Omega = Omega^7                                      (discriminative network alone)
 
+Beyond the paper (memory_bank.py): Omega^8, the distance of each patch to the nearest patch of
+the normal training images, alone (``mem``) or added to Eq. 7 with both on the scale of
+held-out normal images (``full+mem``: each map divided by its 99th percentile there, so that
+neither dominates the sum; a further factor of the product let Eq. 7's four factors dominate,
+benchmarks/memory_bank.py):
+
+    mem:       Omega = Omega^8
+    full+mem:  Omega = Omega_Eq.7 / q_7 + Omega^8 / q_8
+
 Omega^7, the discriminative network's output, comes from discriminative.DiscriminativeStage.
 """
 
@@ -20,8 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("stpm", "st", "disc", "full")
-NEEDS_OMEGA7 = ("disc", "full")
+PAPER_VARIANTS = ("stpm", "st", "disc", "full")
+VARIANTS = (*PAPER_VARIANTS, "mem", "full+mem")
+NEEDS_OMEGA7 = ("disc", "full", "full+mem")
+NEEDS_OMEGA8 = ("mem", "full+mem")
 
 
 def resize_map(
@@ -66,14 +77,28 @@ def fuse_stpm(omegas: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Te
     return first * second * third
 
 
-def check_variant(variant: str, has_discriminator: bool) -> None:
-    """A clear error for an unknown variant, or one that needs a missing Omega^7."""
+def available_variants(has_discriminator: bool, has_memory: bool) -> tuple[str, ...]:
+    """The variants a model with or without Omega^7 and Omega^8 can compute."""
+    return tuple(
+        v
+        for v in VARIANTS
+        if (has_discriminator or v not in NEEDS_OMEGA7) and (has_memory or v not in NEEDS_OMEGA8)
+    )
+
+
+def check_variant(variant: str, has_discriminator: bool, has_memory: bool = False) -> None:
+    """A clear error for an unknown variant, or one that needs a missing Omega^7 or Omega^8."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if variant in NEEDS_OMEGA7 and not has_discriminator:
         raise ValueError(
             f"variant {variant!r} needs the discriminative network, which this run has not "
             "trained (--disc-epochs 0); use --variant st or stpm"
+        )
+    if variant in NEEDS_OMEGA8 and not has_memory:
+        raise ValueError(
+            f"variant {variant!r} needs the memory of normal patches, which this run has not "
+            "built (--memory-fraction 0, or a run from before it existed); use --variant full"
         )
 
 
@@ -89,16 +114,28 @@ def fuse(
     omegas: Sequence[torch.Tensor],
     size: tuple[int, int],
     omega7: torch.Tensor | None = None,
+    omega8: torch.Tensor | None = None,
+    memory_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The map of a named variant (see VARIANTS); ``disc`` and ``full`` need ``omega7``."""
+    """The map of a named variant (see VARIANTS); ``disc`` and ``full`` need ``omega7``,
+    ``mem`` needs ``omega8``, ``full+mem`` both and ``memory_scales`` (q_7, q_8)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if variant in NEEDS_OMEGA7 and omega7 is None:
         raise ValueError(f"variant {variant!r} needs Omega^7 from a trained discriminative net")
+    if variant in NEEDS_OMEGA8 and omega8 is None:
+        raise ValueError(f"variant {variant!r} needs Omega^8 from a memory of normal patches")
     if variant == "st":
         return fuse_st(omegas, size)
     if variant == "stpm":
         return fuse_stpm(omegas, size)
     if variant == "disc":
         return resize_map(omega7, size)
+    if variant == "mem":
+        return resize_map(omega8, size)
+    if variant == "full+mem":
+        if memory_scales is None:
+            raise ValueError("variant 'full+mem' needs the memory's scales (q_7, q_8)")
+        full = fuse_full(omegas, omega7, size)
+        return full / memory_scales[0] + resize_map(omega8, size) / memory_scales[1]
     return fuse_full(omegas, omega7, size)

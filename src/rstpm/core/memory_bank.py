@@ -91,13 +91,18 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
 
 
 class MemoryBank(nn.Module):
-    """The memory of normal patches; ``forward(t1)`` -> Omega^8 (B, h, w) at stride 8."""
+    """The memory of normal patches; ``forward(t1)`` -> Omega^8 (B, h, w) at stride 8.
 
-    def __init__(self, bank: torch.Tensor) -> None:
+    ``scales``: the 99th percentiles, on held-out normal images, of Eq. 7's map and of
+    Omega^8 (at the network's input size, unsmoothed): the ``full+mem`` variant adds the two
+    maps each divided by its own (rstpm.core.fusion). Ones until measured."""
+
+    def __init__(self, bank: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         super().__init__()
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError(f"a memory bank is a non-empty (M, D) matrix, got {tuple(bank.shape)}")
         self.register_buffer("bank", bank.float().contiguous())
+        self.register_buffer("scales", torch.ones(2) if scales is None else scales.float())
 
     @classmethod
     def from_embeddings(
@@ -117,7 +122,13 @@ class MemoryBank(nn.Module):
         return cls(patches[greedy_coreset(patches, count, projection_dim, generator)])
 
     def forward(self, t1: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Omega^8: each stride-8 patch's distance to its nearest memory patch, (B, h, w); one
+        batched product (B, h*w, M), no loop (the ONNX graph traces it as it is)."""
         embedding = patch_embedding(t1)
-        batch, _, height, width = embedding.shape
-        distance = nearest_distance(flatten_patches(embedding), self.bank)
+        batch, dim, height, width = embedding.shape
+        queries = embedding.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        bank = self.bank
+        squared = (queries * queries).sum(dim=2, keepdim=True) - 2.0 * queries @ bank.T
+        squared = squared + (bank * bank).sum(dim=1)
+        distance = squared.amin(dim=2).clamp_min(0.0).sqrt()
         return distance.reshape(batch, height, width)

@@ -4,6 +4,7 @@ discriminative network.
 Pair 1 (STPM): T1 and S1 (same architecture, S1 random) at strides 4, 8, 16 -> Omega^1..Omega^3.
 Pair 2: S2 (decoder.py) reconstructs T2's strides 16, 8, 4 from T1's stride 32 -> Omega^4..Omega^6.
 Discriminative stage (discriminative.py): Omega^7 from the per-resolution sums of Eq. 5.
+Beyond the paper (memory_bank.py, set by :meth:`RSTPM.set_memory`): Omega^8 from T1's patches.
 No training loop lives here (rstpm.training), and no file: the networks are built with their
 weights by rstpm.runs.teachers.build_model. The teachers stay frozen in eval mode.
 """
@@ -20,8 +21,9 @@ from rstpm.core.attention import TeacherAttention
 from rstpm.core.backbones import FeaturePyramid, freeze
 from rstpm.core.decoder import ReconstructionDecoder
 from rstpm.core.discriminative import DiscriminativeStage
-from rstpm.core.fusion import NEEDS_OMEGA7, check_variant, fuse
+from rstpm.core.fusion import NEEDS_OMEGA7, NEEDS_OMEGA8, check_variant, fuse
 from rstpm.core.losses import distance_map
+from rstpm.core.memory_bank import MemoryBank
 from rstpm.core.precision import autocast
 from rstpm.core.smoothing import gaussian_blur
 
@@ -38,6 +40,7 @@ class Inference:
     score: torch.Tensor  # (B,) image scores: the map's maximum
     omegas: list[torch.Tensor] | None = None  # Omega^1..6 (Eq. 2) at their own strides
     omega7: torch.Tensor | None = None  # (B, H, W) the discriminative map, when computed
+    omega8: torch.Tensor | None = None  # (B, h, w) the memory's map at stride 8, when computed
 
 
 @dataclass
@@ -87,6 +90,7 @@ class RSTPM(nn.Module):
         )
         self.attention = attention
         self.discriminator = discriminator
+        self.memory: MemoryBank | None = None  # Omega^8, built after training (set_memory)
         # Eq. 5's additions on a common scale (Config.fusion "normalised"): Omega^1..6 are each
         # divided by a high quantile of their values on held-out normal images before the fusion
         # and the discriminative network see them; ones (the default) are the paper's plain sums
@@ -115,6 +119,12 @@ class RSTPM(nn.Module):
         self.channels_last = enabled
         if self.discriminator is not None:
             self.discriminator.channels_last = enabled
+        return self
+
+    def set_memory(self, memory: MemoryBank | None) -> RSTPM:
+        """The memory of normal patches behind Omega^8 (None: none); its tensors are saved with
+        the trainable ones."""
+        self.memory = memory
         return self
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,20 +188,45 @@ class RSTPM(nn.Module):
         divided by its entry of ``fusion_scales`` (ones, the paper's form, leave them exact)."""
         return [omega / scale for omega, scale in zip(omegas, self.fusion_scales, strict=True)]
 
+    def raw_maps(
+        self, image: torch.Tensor, variants: Sequence[str]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """Raw Omega^1..6 and, when ``variants`` need them, Omega^7 and Omega^8 (None else)."""
+        for variant in variants:
+            check_variant(variant, self.discriminator is not None, self.memory is not None)
+        size = tuple(image.shape[-2:])
+        teacher = self.teacher_features(image)
+        raw = self(image, teacher)
+        omega7 = omega8 = None
+        if any(v in NEEDS_OMEGA7 for v in variants):
+            omega7 = self.discriminator.omega7(self.scale_omegas(raw), size)
+        if any(v in NEEDS_OMEGA8 for v in variants):
+            omega8 = self.memory(teacher.t1)
+        return raw, omega7, omega8
+
+    def _fuse(
+        self,
+        variant: str,
+        raw: list[torch.Tensor],
+        size: tuple[int, int],
+        omega7: torch.Tensor | None,
+        omega8: torch.Tensor | None,
+    ) -> torch.Tensor:
+        scales = self.memory.scales if self.memory is not None else None
+        return fuse(variant, self.scale_omegas(raw), size, omega7, omega8, scales)
+
     @torch.inference_mode()
     def variant_maps(
         self, image: torch.Tensor, variants: Sequence[str], smoothing_sigma: float = 0.0
     ) -> dict[str, torch.Tensor]:
         """The (B, H, W) maps of several variants (fusion.VARIANTS) at the input's resolution,
         from ONE forward pass."""
-        for variant in variants:
-            check_variant(variant, self.discriminator is not None)
         size = tuple(image.shape[-2:])
-        omegas = self.scale_omegas(self(image))
-        omega7 = None
-        if any(v in NEEDS_OMEGA7 for v in variants):
-            omega7 = self.discriminator.omega7(omegas, size)
-        return {v: gaussian_blur(fuse(v, omegas, size, omega7), smoothing_sigma) for v in variants}
+        raw, omega7, omega8 = self.raw_maps(image, variants)
+        return {
+            v: gaussian_blur(self._fuse(v, raw, size, omega7, omega8), smoothing_sigma)
+            for v in variants
+        }
 
     @torch.inference_mode()
     def infer(
@@ -202,20 +237,16 @@ class RSTPM(nn.Module):
         intermediate: bool = False,
     ) -> Inference:
         """ONE forward pass -> the variant's final map, the image scores and, on request, the
-        intermediate maps (Omega^1..6 and Omega^7)."""
-        check_variant(variant, self.discriminator is not None)
+        intermediate maps (Omega^1..6, Omega^7 and Omega^8 where the variant uses them)."""
         size = tuple(image.shape[-2:])
-        raw = self(image)
-        omegas = self.scale_omegas(raw)
-        omega7 = None
-        if variant in NEEDS_OMEGA7:
-            omega7 = self.discriminator.omega7(omegas, size)
-        final = gaussian_blur(fuse(variant, omegas, size, omega7), smoothing_sigma)
+        raw, omega7, omega8 = self.raw_maps(image, [variant])
+        final = gaussian_blur(self._fuse(variant, raw, size, omega7, omega8), smoothing_sigma)
         return Inference(
             final,
             final.flatten(1).amax(dim=1),
             raw if intermediate else None,
             omega7 if intermediate else None,
+            omega8 if intermediate else None,
         )
 
     def anomaly_map(

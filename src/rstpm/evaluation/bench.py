@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rstpm.config import Config
-from rstpm.core.fusion import VARIANTS
+from rstpm.core.fusion import PAPER_VARIANTS as VARIANTS
 from rstpm.evaluation.evaluate import test_variants
 from rstpm.evaluation.paper_results import FULL_BY_CATEGORY, MEAN_BY_ABLATION, MEAN_BY_VARIANT
 from rstpm.runs.files import atomic_write_bytes, atomic_write_json, read_json

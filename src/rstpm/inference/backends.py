@@ -44,7 +44,7 @@ BatchMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 def torch_backend(model: RSTPM, variants: Sequence[str], smoothing_sigma: float) -> BatchMaps:
     """The torch backend: every variant of a batch from ONE forward pass of the model."""
     for variant in variants:
-        check_variant(variant, model.discriminator is not None)
+        check_variant(variant, model.discriminator is not None, model.memory is not None)
 
     def batch_maps(image: torch.Tensor) -> dict[str, torch.Tensor]:
         return model.variant_maps(image, variants, smoothing_sigma)

@@ -83,7 +83,7 @@ class AnomalyMapGraph(nn.Module):
 
     def __init__(self, model: nn.Module, variant: str, smoothing_sigma: float) -> None:
         super().__init__()
-        check_variant(variant, True)  # Omega^7's presence is checked by export_onnx
+        check_variant(variant, True, True)  # Omega^7, Omega^8: checked by export_onnx
         self.model = model
         self.variant = variant
         self.smoothing_sigma = float(smoothing_sigma)
@@ -182,7 +182,7 @@ def export_onnx(
     model, config, _ = load_run(run_dir, precision="fp32")  # the graph is exported in fp32
     model.set_channels_last(False)  # ONNX Runtime picks its own layouts
     variant = variant or config.default_variant
-    check_variant(variant, model.discriminator is not None)
+    check_variant(variant, model.discriminator is not None, model.memory is not None)
     out = Path(out) if out is not None else default_onnx_path(run_dir, variant)
     size, sigma = config.image_size, config.smoothing_sigma
     graph = AnomalyMapGraph(model, variant, sigma).eval()

@@ -158,7 +158,7 @@ def onnx_backend(
     run_dir = Path(run_dir)
     for variant in variants:
         if variant is not None:
-            check_variant(variant, config.disc_epochs > 0)
+            check_variant(variant, config.disc_epochs > 0, config.memory_fraction > 0)
     if onnx_path is None:
         wanted = sorted({v or config.default_variant for v in variants})
         if len(wanted) != 1:

@@ -28,6 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from rstpm._version import __version__
 from rstpm.config import Config
+from rstpm.core.memory_bank import MemoryBank
 from rstpm.core.model import RSTPM
 from rstpm.hardware import resolve_precision
 from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json, file_digest, read_json
@@ -168,6 +169,8 @@ def load_run(run_dir: Path, precision: str | None = None) -> tuple[RSTPM, Config
                 "with (sha256 mismatch); install the same weights or re-run `rstpm fit`"
             )
     state = load_weights(run_dir / WEIGHTS_FILE)
+    if "memory.bank" in state:  # Omega^8's memory: its size is the run's
+        model.set_memory(MemoryBank(state["memory.bank"], state.get("memory.scales")))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("teacher1.", "teacher2."))]
     if missing == ["fusion_scales"] and config.fusion == "paper":

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from rstpm.config import Config
-from rstpm.core.fusion import VARIANTS
+from rstpm.core.fusion import available_variants
 from rstpm.core.model import RSTPM
 from rstpm.metrics.thresholds import NormalStatistics, Thresholds
 
@@ -20,7 +20,7 @@ def calibrate_thresholds(
     """Thresholds of every variant of the model at the config's target false-alarm rates, from
     the maps of held-out normal images (image scores: the maps' max at the network's size)."""
     model.eval()
-    variants = [v for v in VARIANTS if model.discriminator is not None or v in ("stpm", "st")]
+    variants = available_variants(model.discriminator is not None, model.memory is not None)
     maps: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     for start in range(0, len(normal_images), config.batch_size):
         batch = model.variant_maps(

@@ -47,6 +47,7 @@ from rstpm.training.loop import (
     run_stage,
     seed_everything,
 )
+from rstpm.training.memory import build_memory
 from rstpm.training.parallel import DataParallel
 from rstpm.training.students import StudentStage
 
@@ -268,6 +269,8 @@ def train_run(
         )
     if not main:
         return {}
+    if config.memory_fraction > 0:  # Omega^8 (beyond the paper): training/memory.py
+        info["memory"] = build_memory(model, config, train_images, val_images)
     save_thresholds(run_dir, calibrate_thresholds(model, config, calibration_images))
     info = {
         "teachers": {k: v.to_dict() for k, v in teachers.items()},
