@@ -11,6 +11,7 @@ size, then scores the category's test split with the run's maps and Omega^8:
   ``full*mem^4`` gives Omega^8 the weight of all of them (``full^(1/4) * mem`` ranks the same);
 * ``full+mem``, ``st+mem``: the sum of Eq. 7 (Eq. 5) and Omega^8, each divided by its 99th
   percentile on the run's calibration images (held-out normals: never the test set);
+  ``full+mem/2``, ``full+2mem``, ``full+4mem``: the same sum with Omega^8's term weighted;
   ``max(full,mem)``: the larger of the two so divided;
 * ``eq7[8+]``: Omega^8 summed with the stride-8 term of Eq. 5 / Eq. 7, ``(O1 + O6) * (O2 + O5
   + s O8) * (O3 + O4) * O7``, ``s`` scaling Omega^8's 99th percentile on the calibration
@@ -59,6 +60,9 @@ VARIANTS = (
     "full*mem^4",
     "st*mem",
     "full+mem",
+    "full+mem/2",
+    "full+2mem",
+    "full+4mem",
     "eq7[8+]",
 )
 BATCH = 16
@@ -75,8 +79,9 @@ def components(
     model: Any, memory: MemoryBank, images: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Eq. 5's three per-resolution sums, Omega^7 and Omega^8 at the network's size (unsmoothed),
-    and Omega^8's seconds."""
+    and the seconds of Omega^8 and of all the rest (teachers, students, U-Net)."""
     size = tuple(images.shape[-2:])
+    begun = time.perf_counter()
     teacher = model.teacher_features(images)
     omegas = model.scale_omegas(model(images, teacher))
     first, second, third = per_resolution_sums(omegas, size)
@@ -84,17 +89,18 @@ def components(
     started = time.perf_counter()
     omega8 = resize_map(memory(teacher.t1), size)
     seconds = time.perf_counter() - started
-    return {"A": first, "B": second, "C": third, "o7": omega7, "o8": omega8}, seconds
+    rest = started - begun
+    return {"A": first, "B": second, "C": third, "o7": omega7, "o8": omega8}, (seconds, rest)
 
 
 def all_components(model: Any, memory: MemoryBank, samples: list, image_size: int) -> tuple:
-    parts, seconds = [], 0.0
+    parts, seconds, rest = [], 0.0, 0.0
     for start in range(0, len(samples), BATCH):
         images = load_all_images(samples[start : start + BATCH], image_size)
-        part, took = components(model, memory, images)
+        part, (took, other) = components(model, memory, images)
         parts.append(part)
-        seconds += took
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, seconds
+        seconds, rest = seconds + took, rest + other
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, (seconds, rest)
 
 
 def quantile(values: torch.Tensor) -> float:
@@ -118,6 +124,9 @@ def fusions(c: dict[str, torch.Tensor], q: dict[str, float]) -> dict[str, torch.
         "full*mem^4": full * o8**4,
         "st*mem": st * o8,
         "full+mem": full / q["full"] + o8 / q["o8"],
+        "full+mem/2": full / q["full"] + 0.5 * o8 / q["o8"],
+        "full+2mem": full / q["full"] + 2.0 * o8 / q["o8"],
+        "full+4mem": full / q["full"] + 4.0 * o8 / q["o8"],
         "max(full,mem)": torch.maximum(full / q["full"], o8 / q["o8"]),
         "st+mem": st / q["st"] + o8 / q["o8"],
         "eq7[8+]": scaled,
@@ -155,7 +164,9 @@ def score(run: str, category_dir: Path, fraction: float, args: argparse.Namespac
         normal["full"] = normal["st"] * normal["o7"]
         q = {k: quantile(v) for k, v in normal.items()}
         samples = list_test_samples(category_dir)
-        test, memory_seconds = all_components(model, memory, samples, config.image_size)
+        test, (memory_seconds, rest_seconds) = all_components(
+            model, memory, samples, config.image_size
+        )
         fused = fusions(test, q)
     sizes = [image_size(s.path) for s in samples]  # (W, H)
     masks = load_masks(samples, sizes)
@@ -178,6 +189,7 @@ def score(run: str, category_dir: Path, fraction: float, args: argparse.Namespac
         "dimensions": int(memory.bank.shape[1]),
         "coreset_seconds": round(coreset_seconds, 2),
         "omega8_seconds_per_image": round(memory_seconds / len(samples), 4),
+        "other_maps_seconds_per_image": round(rest_seconds / len(samples), 4),
         "calibration_quantiles": q,
         "metrics": metrics,
     }
@@ -210,7 +222,8 @@ def main() -> int:
                 f"{category} fraction {fraction:g}: memory {row['memory_patches']} of "
                 f"{row['n_train_patches']} patches x {row['dimensions']}, coreset "
                 f"{row['coreset_seconds']} s, Omega^8 {row['omega8_seconds_per_image'] * 1e3:.1f}"
-                " ms per image (batch 16)"
+                f" ms per image (batch 16) beside "
+                f"{row['other_maps_seconds_per_image'] * 1e3:.1f} ms for Omega^1..7"
             )
             for variant, m in row["metrics"].items():
                 print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from rstpm.cli import main
+from rstpm.cli import _config_from_args, build_parser, main
 from rstpm.data.images import load_mask
 from rstpm.data.layout import list_test_samples
 from rstpm.metrics.protocol import aupro
 from rstpm.runs.run_dir import load_run
+from rstpm.runs.teachers import RANDOM, build_model
 
 FIT_ARGS = ["--epochs", "2", "--batch-size", "8", "--image-size", "64", "--seed", "0", "--quiet"]
 FIT_ARGS += ["--disc-epochs", "2", "--disc-batch-size", "4"]
@@ -133,13 +135,13 @@ def test_an_empty_training_folder_is_a_clear_error(tmp_path: Path, capsys) -> No
     assert str(empty) in capsys.readouterr().err
 
 
-def test_default_variant_is_full_when_the_run_has_a_discriminative_net(
+def test_default_variant_is_full_plus_mem_when_the_run_has_a_u_net_and_a_memory(
     trained_run: Path, synthetic_category: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "default"
     args = ["test", "--run", str(trained_run), "--data", str(synthetic_category)]
     assert main([*args, "--out", str(out), "--quiet"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["variant"] == "full"
+    assert json.loads((out / "metrics.json").read_text())["variant"] == "full+mem"
 
 
 def test_students_can_be_reused_and_give_the_same_run(
@@ -181,18 +183,51 @@ def test_variants_need_a_discriminative_net(
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["variant"] == "st"
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--attention", "none"],
-        ["--attention", "both"],
-        ["--teacher2", "small"],
-        ["--disc-resolution", "full"],
-        ["--disc-pool-refresh", "2", "--anomaly-source", "TEXTURES"],
-        ["--precision", "bf16", "--channels-last"],
-        ["--fusion", "normalised", "--calibration-fraction", "0"],
-    ],
-)
+ABLATION_FLAGS = [
+    ["--attention", "none"],
+    ["--attention", "both"],
+    ["--teacher2", "small"],
+    ["--disc-resolution", "full"],
+    ["--disc-pool-refresh", "2", "--anomaly-source", "TEXTURES"],
+    ["--precision", "bf16", "--channels-last"],
+    ["--fusion", "normalised", "--calibration-fraction", "0"],
+]
+
+
+@pytest.mark.parametrize("flags", ABLATION_FLAGS)
+def test_every_ablation_flag_reaches_the_config_and_builds_its_model(flags: list[str]) -> None:
+    """The quick tier's half of the ablation test below: each flag set parses into the Config
+    it names and builds a model that runs forward and backward (no fit)."""
+    flags = ["/textures" if f == "TEXTURES" else f for f in flags]
+    command = ["fit", "--data", "d", "--out", "o", "--image-size", "64", *flags]
+    args = build_parser().parse_args(command)
+    config = _config_from_args(args)
+    expected = {
+        "--attention": ("attention", flags[-1]),
+        "--teacher2": ("teacher2", "tf_efficientnet_lite0"),
+        "--disc-resolution": ("disc_resolution", "full"),
+        "--disc-pool-refresh": ("disc_pool_refresh", 2),
+        "--precision": ("precision", "bf16"),
+        "--fusion": ("fusion", "normalised"),
+    }[flags[0]]
+    assert getattr(config, expected[0]) == expected[1]
+    assert config.channels_last == ("--channels-last" in flags)
+    model, _ = build_model(dataclasses.replace(config, teacher_weights=(RANDOM, RANDOM)))
+    image = torch.rand(2, 3, 64, 64)
+    omegas = model(image)
+    assert [o.shape[0] for o in omegas] == [2] * 6
+    sum(o.mean() for o in omegas).backward()
+    stage = model.discriminator
+    raw = stage.raw_inputs([o.detach() for o in omegas])
+    side = 64 if config.disc_resolution == "full" else 16
+    assert raw.shape == (2, 3, side, side)
+    stage.normalizer.fit(raw)
+    stage(raw).sum().backward()
+    assert all(p.grad is not None for p in stage.unet.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", ABLATION_FLAGS)
 def test_every_ablation_flag_builds_and_trains(
     flags: list[str], synthetic_category: Path, tmp_path: Path
 ) -> None:
@@ -226,6 +261,7 @@ def test_every_ablation_flag_builds_and_trains(
     assert all(c["n_good"] == metrics["overall"]["n_good"] for c in checks)
 
 
+@pytest.mark.slow
 def test_bench_trains_a_grid_reuses_runs_and_writes_tables(
     synthetic_category: Path, tmp_path: Path, capsys
 ) -> None:
@@ -254,11 +290,12 @@ def test_bench_trains_a_grid_reuses_runs_and_writes_tables(
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_end_to_end(tmp_path: Path, capsys) -> None:
     args = ["demo", "--out", str(tmp_path), "--epochs", "1", "--disc-epochs", "1", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("variant ") == 4  # stpm, st, disc, full
+    assert out.count("variant ") == 6  # stpm, st, disc, full, mem, full+mem
     assert (tmp_path / "run" / "manifest.json").is_file()
     assert (tmp_path / "run" / "thresholds.json").is_file()
     assert (tmp_path / "run" / "test_full" / "report.html").is_file()

@@ -32,11 +32,12 @@ METRIC_TOLERANCE = 1e-3
 
 @pytest.fixture(scope="module")
 def disc_run(synthetic_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run with a discriminative network, its `full` and `st` graphs exported."""
+    """A run with a discriminative network and a memory, its `full+mem` (the default) and `st`
+    graphs exported."""
     run = tmp_path_factory.mktemp("export") / "run"
     args = ["fit", "--data", str(synthetic_category), "--out", str(run), *FIT_ARGS]
     assert main([*args, "--disc-epochs", "1"]) == 0
-    assert main(["export", "--run", str(run), "--format", "onnx"]) == 0  # default: full
+    assert main(["export", "--run", str(run), "--format", "onnx"]) == 0  # default: full+mem
     assert main(["export", "--run", str(run), "--variant", "st"]) == 0
     return run
 
@@ -61,7 +62,7 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-@pytest.mark.parametrize("variant", ["full", "st"])
+@pytest.mark.parametrize("variant", ["full+mem", "st"])
 def test_export_writes_one_checked_graph_and_its_sidecar(disc_run: Path, variant: str) -> None:
     path = default_onnx_path(disc_run, variant)
     assert path == disc_run / "export" / f"model-{variant}.onnx" and path.is_file()
@@ -90,7 +91,7 @@ def test_export_writes_one_checked_graph_and_its_sidecar(disc_run: Path, variant
     assert len(proto.graph.initializer) > 100
 
 
-@pytest.mark.parametrize("variant", ["full", "st"])
+@pytest.mark.parametrize("variant", ["full+mem", "st"])
 def test_onnx_runtime_maps_match_torch_on_test_images(
     disc_run: Path, synthetic_category: Path, variant: str
 ) -> None:
@@ -121,7 +122,7 @@ def test_backend_onnx_reproduces_the_torch_test(
         json.loads((o / "metrics.json").read_text()) for o in outs.values()
     )
     assert torch_metrics["backend"] == "torch" and onnx_metrics["backend"] == "onnx"
-    assert onnx_metrics["variant"] == torch_metrics["variant"] == "full"
+    assert onnx_metrics["variant"] == torch_metrics["variant"] == "full+mem"
     assert onnx_metrics["n_images"] == torch_metrics["n_images"] == 12
     assert set(onnx_metrics["per_defect_type"]) == set(torch_metrics["per_defect_type"])
     rows = [(torch_metrics["overall"], onnx_metrics["overall"])]
@@ -210,4 +211,4 @@ def test_missing_onnxruntime_says_how_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(ExportError, match=r"pip install 'rstpm\[onnx\]'"):
-        OnnxMaps(default_onnx_path(disc_run, "full"))
+        OnnxMaps(default_onnx_path(disc_run, "full+mem"))

@@ -23,7 +23,8 @@ CONFIG = dict(image_size=64, epochs=1, batch_size=8, disc_epochs=1, disc_batch_s
 @pytest.fixture(scope="module")
 def memory_run(synthetic_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("memory") / "run"
-    fit(Config(memory_fraction=0.1, **CONFIG), synthetic_category, out, progress=False)
+    config = Config(memory_fraction=0.1, memory_weight=2.0, **CONFIG)
+    fit(config, synthetic_category, out, progress=False)
     return out
 
 
@@ -43,8 +44,9 @@ def test_fit_stores_a_coreset_of_the_training_patches(
     # every memory row is one of the training patches (a coreset, not new vectors)
     assert torch.cdist(bank.double(), patches.double()).amin(dim=1).max() < 1e-4
     assert torch.equal(model.memory.bank, bank)
-    q7, q8 = info["scales"]
-    assert q7 > 0 and q8 > 0 and [q7, q8] != [1.0, 1.0]
+    q7, q8 = info["quantiles"]
+    assert q7 > 0 and q8 > 0 and [q7, q8] != [1.0, 1.0] and info["weight"] == 2.0
+    assert info["scales"] == pytest.approx([q7, q8 / 2.0])  # the weight divides Omega^8's scale
 
 
 def test_mem_and_full_plus_mem_are_the_fused_maps_and_have_thresholds(memory_run: Path) -> None:
@@ -54,8 +56,9 @@ def test_mem_and_full_plus_mem_are_the_fused_maps_and_have_thresholds(memory_run
     omega8 = model.infer(image, "mem", intermediate=True).omega8
     assert omega8.shape == (2, 8, 8)
     torch.testing.assert_close(maps["mem"], fuse("mem", [], (64, 64), omega8=omega8))
-    q7, q8 = model.memory.scales
-    torch.testing.assert_close(maps["full+mem"], maps["full"] / q7 + maps["mem"] / q8)
+    q7, q8 = json.loads((memory_run / "run.json").read_text())["memory"]["quantiles"]
+    expected = maps["full"] / q7 + 2.0 * maps["mem"] / q8  # weight 2 (the fixture's)
+    torch.testing.assert_close(maps["full+mem"], expected)
     assert set(load_thresholds(memory_run)) == set(available_variants(True, True))
     assert {"mem", "full+mem"} <= set(load_thresholds(memory_run))
 
@@ -81,6 +84,8 @@ def test_a_stored_config_from_before_the_memory_reads_as_none() -> None:
     assert Config().memory_fraction > 0  # new fits build one
     with pytest.raises(ValueError, match="memory-fraction"):
         Config(memory_fraction=1.5)
+    with pytest.raises(ValueError, match="memory-weight"):
+        Config(memory_weight=0.0)
 
 
 def test_the_exported_graph_of_full_plus_mem_reproduces_torch(

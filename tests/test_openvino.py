@@ -39,9 +39,12 @@ RTOL = 1e-4
 metrics within the same 1e-4."""
 
 
+DEFAULT = "full+mem"  # the variant a run with a U-Net and a memory serves
+
+
 @pytest.fixture(scope="module")
 def run(synthetic_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny run with a discriminative network and its `full` graph exported."""
+    """A tiny run with a discriminative network, a memory and its default graph exported."""
     out = tmp_path_factory.mktemp("openvino") / "run"
     assert main(["fit", "--data", str(synthetic_category), "--out", str(out), *FIT_ARGS]) == 0
     assert main(["export", "--run", str(out)]) == 0
@@ -60,13 +63,13 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 @pytest.fixture(scope="module")
 def reference(run: Path, synthetic_category: Path) -> tuple[list[str], torch.Tensor, np.ndarray]:
-    """The 12 test images (paths, network inputs) and torch's fp32 `full` maps of them."""
+    """The 12 test images (paths, network inputs) and torch's fp32 maps of the default variant."""
     model, config, _ = load_run(run, "fp32")
     samples = list_test_samples(synthetic_category)
     dataset = ImageDataset(samples, 64)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     with torch.inference_mode():
-        maps = model.anomaly_map(images, "full", config.smoothing_sigma).numpy()
+        maps = model.anomaly_map(images, DEFAULT, config.smoothing_sigma).numpy()
     return [str(s.path) for s in samples], images, maps
 
 
@@ -75,8 +78,8 @@ def test_openvino_f32_maps_and_scores_match_torch(
     run: Path, reference: tuple[list[str], torch.Tensor, np.ndarray], hint: str
 ) -> None:
     _, images, expected = reference
-    maps = OpenVinoMaps(default_onnx_path(run, "full"), "fp32", hint)
-    assert maps.precision == "fp32" and maps.variant == "full" and maps.image_size == 64
+    maps = OpenVinoMaps(default_onnx_path(run, DEFAULT), "fp32", hint)
+    assert maps.precision == "fp32" and maps.variant == DEFAULT and maps.image_size == 64
     if hint == "LATENCY":
         assert maps.streams == 1
     else:  # the batch is split over the streams (2 on 2 threads)
@@ -104,7 +107,7 @@ def test_backend_openvino_reproduces_the_torch_test(
     actual = json.loads(capsys.readouterr().out)
     assert actual == json.loads((out / "metrics.json").read_text())
     assert (actual["backend"], actual["precision"]) == ("openvino", "fp32")  # auto -> f32 here
-    assert (actual["variant"], actual["n_images"]) == (expected["variant"], 12) == ("full", 12)
+    assert (actual["variant"], actual["n_images"]) == (expected["variant"], 12) == (DEFAULT, 12)
     assert actual["per_defect_type"].keys() == expected["per_defect_type"].keys()
     for name, want in [("overall", expected["overall"]), *expected["per_defect_type"].items()]:
         got = actual["overall"] if name == "overall" else actual["per_defect_type"][name]
@@ -226,6 +229,7 @@ def unpinned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
 
 
+@pytest.mark.slow
 def test_auto_exports_the_graph_once_and_runs_openvino(
     synthetic_category: Path,
     tmp_path: Path,
@@ -239,7 +243,7 @@ def test_auto_exports_the_graph_once_and_runs_openvino(
     for file in run.iterdir():
         if file.is_file():
             (fresh / file.name).write_bytes(file.read_bytes())
-    graph = default_onnx_path(fresh, "full")
+    graph = default_onnx_path(fresh, DEFAULT)
     assert not graph.exists()
     folder = synthetic_category / "test" / "scratch"
     args = ["predict", "--run", str(fresh), str(folder), "--quiet", "--precision", "fp32"]

@@ -63,7 +63,7 @@ def test_detector_accepts_paths_pil_arrays_and_tensors_alike(
     run: Path, synthetic_category: Path
 ) -> None:
     detector = Detector.load(run)
-    assert detector.variant == "full" and detector.thresholds is not None
+    assert detector.variant == "full+mem" and detector.thresholds is not None
     path = sorted((synthetic_category / "test" / "stain").iterdir())[0]
     by_path = detector.predict(path)
     assert isinstance(by_path, Prediction)

@@ -89,6 +89,7 @@ def _small_config(**overrides: Any) -> Config:
     return Config(**{**values, **overrides})
 
 
+@pytest.mark.slow
 def test_stopping_rule_never_reads_the_test_set(synthetic_category: Path, tmp_path: Path) -> None:
     """The stop is decided before `rstpm test` can run: a fit of the category without its
     test images (and masks) trains the same epochs to the same weights."""
@@ -204,6 +205,7 @@ def test_cli_schedule_flags() -> None:
     assert (override.epochs, override.patience, override.disc_epochs) == (40, 5, 0)
 
 
+@pytest.mark.slow
 def test_a_stopped_fit_equals_a_fit_of_that_many_epochs(
     synthetic_category: Path, tmp_path: Path
 ) -> None:

@@ -41,6 +41,7 @@ def test_overrides_and_shortfall() -> None:
     assert short == pytest.approx((0.0, 0.014, 0.0))
 
 
+@pytest.mark.slow
 def test_a_snapshots_metrics_equal_rstpm_test_of_that_state(
     synthetic_category: Path, tmp_path: Path
 ) -> None:

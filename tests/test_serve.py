@@ -176,7 +176,7 @@ def test_served_records_equal_detector_predict(
         assert response.status_code == 200, response.text
         served = response.json()
         _assert_same(served, detector.predict(path).record())
-        assert served["run"] == "tiny" and served["variant"] == detector.variant == "full"
+        assert served["run"] == "tiny" and served["variant"] == detector.variant == "full+mem"
         assert served["threshold"]["image"] == detector.thresholds.image.value
         with Image.open(path) as img:
             assert (served["width"], served["height"]) == img.size
@@ -244,7 +244,7 @@ def test_runs_lists_names_variants_thresholds_sizes_and_hashes(
 ) -> None:
     (info,) = client.get("/v1/runs").json()["runs"]
     manifest = json.loads((run / "manifest.json").read_text())
-    assert info["name"] == "tiny" and info["variant"] == "full" and info["image_size"] == 64
+    assert info["name"] == "tiny" and info["variant"] == "full+mem" and info["image_size"] == 64
     assert info["thresholds"] == {
         "image": detector.thresholds.image.value,
         "pixel": detector.thresholds.pixel.value,

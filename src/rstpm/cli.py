@@ -32,6 +32,10 @@ from rstpm.core.fusion import VARIANTS, available_variants
 from rstpm.core.precision import REQUESTS
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
+VARIANT_HELP = (
+    "default: full+mem (Eq. 7 + the memory's Omega^8), full (Eq. 7) for a run without memory, "
+    "st (Eq. 5) for a run without discriminative net"
+)
 """``--backend`` choices (rstpm.inference.backends: AUTO and BACKENDS, without importing torch
 here)."""
 BACKEND_HELP = (
@@ -232,6 +236,13 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="dimensions of the random projection the memory's greedy coreset measures on",
     )
     disc.add_argument(
+        "--memory-weight",
+        type=float,
+        default=Config.memory_weight,
+        metavar="W",
+        help="full+mem = Eq. 7 / q_7 + W x Omega^8 / q_8 (q: 99th percentiles on held-out normals)",
+    )
+    disc.add_argument(
         "--students-from",
         type=Path,
         help="reuse the students of a run with identical student settings (skip stage 1; "
@@ -328,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--variant",
         choices=VARIANTS,
-        help="default: full (Eq. 7), or st (Eq. 5) for a run without discriminative net",
+        help=VARIANT_HELP,
     )
     test.add_argument("--masks", type=Path, help=MASKS_HELP)
     test.add_argument("--out", type=Path, help="output folder (default: RUN/test)")
@@ -358,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="write <name>_overlay.png, <name>_mask.png (default: no images written)",
     )
-    predict.add_argument("--variant", choices=VARIANTS, help="default: full, or st")
+    predict.add_argument("--variant", choices=VARIANTS, help=VARIANT_HELP)
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     predict.add_argument(
@@ -421,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--variant",
         choices=VARIANTS,
-        help="default: full (Eq. 7), or st (Eq. 5) for a run without discriminative net",
+        help=VARIANT_HELP,
     )
     export.add_argument("--out", type=Path, help=f"default: {DEFAULT_GRAPH}")
     export.add_argument("--json", action="store_true", help="print the export's sidecar JSON")
@@ -512,6 +523,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         disc_image_rotation=args.disc_image_rotation,
         memory_fraction=args.memory_fraction,
         memory_projection=args.memory_projection,
+        memory_weight=args.memory_weight,
     )
 
 

@@ -94,6 +94,8 @@ class Config:
     # chosen by greedy k-centre on a random projection to memory_projection dimensions; 0: none
     memory_fraction: float = 0.01
     memory_projection: int = 64
+    # full+mem = Eq. 7 / q_7 + memory_weight * Omega^8 / q_8 (rstpm.core.fusion)
+    memory_weight: float = 1.0
     # Thresholds calibrated at the end of fit on the held-out normals (training/calibrate.py);
     # editable afterwards with `rstpm threshold`
     # a training checkpoint after an epoch once this many seconds passed since the last one,
@@ -134,6 +136,8 @@ class Config:
             raise ValueError("--disc-image-rotation must lie in [0, 1]")
         if not 0.0 <= self.memory_fraction <= 1.0 or self.memory_projection < 1:
             raise ValueError("--memory-fraction must lie in [0, 1], --memory-projection >= 1")
+        if not self.memory_weight > 0:
+            raise ValueError("--memory-weight must be > 0")
         if self.patience < 0 or self.disc_patience < 0:
             raise ValueError("--patience and --disc-patience must be >= 0 epochs (0: never stop)")
         if self.disc_epochs < 0 or self.disc_batch_size < 1 or self.disc_pool_refresh < 1:
@@ -154,9 +158,12 @@ class Config:
 
     @property
     def default_variant(self) -> str:
-        """The variant a run serves unless asked otherwise: ``full`` (Eq. 7) when it trains a
-        discriminative network, else ``st`` (Eq. 5)."""
-        return "full" if self.disc_epochs > 0 else "st"
+        """The variant a run serves unless asked otherwise: ``full+mem`` (Eq. 7 and the memory
+        of normal patches, docs/results.md) when it trains a discriminative network and builds
+        a memory, ``full`` (Eq. 7) with the network alone, else ``st`` (Eq. 5)."""
+        if self.disc_epochs == 0:
+            return "st"
+        return "full+mem" if self.memory_fraction > 0 else "full"
 
     @property
     def disc_map_size(self) -> tuple[int, int]:

@@ -11,12 +11,12 @@ resolutions MULTIPLIED:
 
 Beyond the paper (memory_bank.py): Omega^8, the distance of each patch to the nearest patch of
 the normal training images, alone (``mem``) or added to Eq. 7 with both on the scale of
-held-out normal images (``full+mem``: each map divided by its 99th percentile there, so that
-neither dominates the sum; a further factor of the product let Eq. 7's four factors dominate,
-benchmarks/memory_bank.py):
+held-out normal images (``full+mem``: each map divided by its 99th percentile there, Omega^8's
+term weighted by w = Config.memory_weight; a further factor of the product let Eq. 7's four
+factors dominate, benchmarks/memory_bank.py):
 
     mem:       Omega = Omega^8
-    full+mem:  Omega = Omega_Eq.7 / q_7 + Omega^8 / q_8
+    full+mem:  Omega = Omega_Eq.7 / q_7 + w Omega^8 / q_8
 
 Omega^7, the discriminative network's output, comes from discriminative.DiscriminativeStage.
 """

@@ -93,9 +93,10 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
 class MemoryBank(nn.Module):
     """The memory of normal patches; ``forward(t1)`` -> Omega^8 (B, h, w) at stride 8.
 
-    ``scales``: the 99th percentiles, on held-out normal images, of Eq. 7's map and of
-    Omega^8 (at the network's input size, unsmoothed): the ``full+mem`` variant adds the two
-    maps each divided by its own (rstpm.core.fusion). Ones until measured."""
+    ``scales``: the divisors of the ``full+mem`` sum (rstpm.core.fusion): the 99th percentiles,
+    on held-out normal images, of Eq. 7's map and of Omega^8 (at the network's input size,
+    unsmoothed), Omega^8's divided by its weight (``Config.memory_weight``). Ones until
+    measured."""
 
     def __init__(self, bank: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         super().__init__()

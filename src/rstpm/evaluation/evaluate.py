@@ -125,7 +125,7 @@ def test(
     onnx_path: Path | None = None,
     precision: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one variant (default: full, or st without discriminative network); writes maps
+    """Evaluate one variant (default: the run's, Config.default_variant); writes maps
     and metrics.json to ``out_dir`` (default ``RUN_DIR/test``). ``backend``: see test_variants."""
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "test"
     return test_variants(

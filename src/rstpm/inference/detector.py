@@ -147,10 +147,10 @@ class Detector:
         onnx_path: str | Path | None = None,
         performance_hint: str | None = None,
     ) -> Detector:
-        """Load a finished run. ``variant``: stpm | st | disc | full (default: full, or st
-        without discriminative network). ``backend``: torch, onnx (ONNX Runtime on the graph of
-        ``rstpm export``), openvino (OpenVINO on that graph) or auto (the command line's
-        default: OpenVINO where installed, exporting the graph once; see
+        """Load a finished run. ``variant``: one of rstpm.core.fusion.VARIANTS (default:
+        the run's, Config.default_variant: full+mem, full or st). ``backend``: torch, onnx
+        (ONNX Runtime on the graph of ``rstpm export``), openvino (OpenVINO on that graph) or
+        auto (the command line's default: OpenVINO where installed, exporting the graph once; see
         rstpm.inference.backends.resolve_auto). ``precision`` (torch, openvino): auto, fp32 or
         bf16, default the run's; ``performance_hint`` (openvino): LATENCY or THROUGHPUT."""
         run_dir = Path(run_dir)

@@ -165,7 +165,7 @@ def export_onnx(
     opset: int = OPSET,
     verify_batch: int = 3,
 ) -> dict[str, Any]:
-    """Export a run's ``variant`` (default: full, or st without discriminative net) to ONNX.
+    """Export a run's ``variant`` (default: the run's, Config.default_variant) to ONNX.
 
     Writes ``out`` (default ``RUN_DIR/export/model-<variant>.onnx``) and its JSON sidecar only
     after ONNX Runtime reproduced torch's maps on a random batch of ``verify_batch`` images

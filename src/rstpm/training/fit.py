@@ -62,7 +62,8 @@ def _reusable_students(config: Config, students_from: Path) -> dict[str, torch.T
             "its students cannot be reused"
         )
     state = load_weights(Path(students_from) / WEIGHTS_FILE)
-    return {k: v for k, v in state.items() if not k.startswith("discriminator.")}
+    # the students alone: the other run's U-Net and memory are built again for this one
+    return {k: v for k, v in state.items() if not k.startswith(("discriminator.", "memory."))}
 
 
 @dataclass

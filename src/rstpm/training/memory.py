@@ -2,8 +2,8 @@
 
 No training: T1's patch vectors of the training images (the images the students learnt from),
 a greedy k-centre coreset of ``Config.memory_fraction`` of them, and the scales of the
-``full+mem`` sum measured on the selection images (held out, as the fusion's scales; the
-calibration images stay for the thresholds alone).
+``full+mem`` sum (q_7 and q_8 / ``Config.memory_weight``) measured on the selection images
+(held out, as the fusion's scales; the calibration images stay for the thresholds alone).
 """
 
 from __future__ import annotations
@@ -46,12 +46,17 @@ def build_memory(
     )
     coreset_seconds = time.perf_counter() - started
     model.set_memory(memory)
+    quantiles = None
     if model.discriminator is not None:
-        memory.scales.copy_(_scales(model, selection_images, batch))
+        quantiles = _scales(model, selection_images, batch)
+        # full+mem divides each map by its scale: Omega^8's divided by its weight too
+        memory.scales.copy_(quantiles / torch.tensor([1.0, config.memory_weight]))
     return {
         "patches": int(embeddings.shape[0] * embeddings.shape[2] * embeddings.shape[3]),
         "memory_patches": int(memory.bank.shape[0]),
         "dimensions": int(memory.bank.shape[1]),
+        "quantiles": None if quantiles is None else quantiles.tolist(),
+        "weight": config.memory_weight,
         "scales": memory.scales.tolist(),
         "seconds": round(time.perf_counter() - started, 3),
         "coreset_seconds": round(coreset_seconds, 3),
