@@ -10,11 +10,12 @@ size, then scores the category's test split with the run's maps and Omega^8:
   product (as Eq. 7 adds Omega^7), with a weight: Eq. 7 is a product of four maps, so
   ``full*mem^4`` gives Omega^8 the weight of all of them (``full^(1/4) * mem`` ranks the same);
 * ``full+mem``, ``st+mem``: the sum of Eq. 7 (Eq. 5) and Omega^8, each divided by its 99th
-  percentile on the run's calibration images (held-out normals: never the test set);
+  percentile on the run's selection images (held-out normals: never the test set), as
+  `rstpm fit` scales its ``full+mem`` (the same coreset seed and projection: the run's);
   ``full+mem/2``, ``full+2mem``, ``full+4mem``: the same sum with Omega^8's term weighted;
   ``max(full,mem)``: the larger of the two so divided;
 * ``eq7[8+]``: Omega^8 summed with the stride-8 term of Eq. 5 / Eq. 7, ``(O1 + O6) * (O2 + O5
-  + s O8) * (O3 + O4) * O7``, ``s`` scaling Omega^8's 99th percentile on the calibration
+  + s O8) * (O3 + O4) * O7``, ``s`` scaling Omega^8's 99th percentile on the selection
   images to that of ``O2 + O5`` ("same resolution: add", as the paper fuses).
 
 Every map is resized to the network's input, smoothed as the run smooths, and resized to each
@@ -24,7 +25,7 @@ coreset's seconds, the memory's size, Omega^8's seconds per image at batch 16.
 
     python benchmarks/memory_bank.py --data-root ../shared/data/mvtec_ad \\
         --runs transistor=runs/default/transistor-s1 transistor=runs/curve/transistor-s0@30 \\
-        [--fractions 0.01 0.1] [--projection-dim 128] [--seed 0] [--json out.json]
+        [--fractions 0.01 0.1] [--projection-dim D] [--seed S] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from rstpm.hardware import keep_freed_memory
 from rstpm.metrics.protocol import evaluate
 from rstpm.runs.run_dir import load_run
 from rstpm.training.fit import training_split
+from rstpm.training.memory import scale_quantile
 
 VARIANTS = (
     "full",
@@ -66,12 +68,11 @@ VARIANTS = (
     "eq7[8+]",
 )
 BATCH = 16
-QUANTILE = 0.99
 
 
-def train_embeddings(model: Any, images: torch.Tensor) -> torch.Tensor:
-    """Patch embeddings (N, D, h, w) of the training images, BATCH at a time."""
-    parts = [patch_embedding(model.teacher_features(x).t1) for x in images.split(BATCH)]
+def train_embeddings(model: Any, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """Patch embeddings (N, D, h, w) of the training images, ``batch`` at a time (as fit)."""
+    parts = [patch_embedding(model.teacher_features(x).t1) for x in images.split(batch)]
     return torch.cat(parts)
 
 
@@ -104,9 +105,7 @@ def all_components(model: Any, memory: MemoryBank, samples: list, image_size: in
 
 
 def quantile(values: torch.Tensor) -> float:
-    flat = values.flatten().float()
-    step = max(1, flat.numel() // 2_000_000)  # torch.quantile's input limit
-    return float(torch.quantile(flat[::step], QUANTILE))
+    return scale_quantile(values)  # as `rstpm fit` measures full+mem's scales
 
 
 def fusions(c: dict[str, torch.Tensor], q: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -154,12 +153,14 @@ def score(run: str, category_dir: Path, fraction: float, args: argparse.Namespac
     split = training_split(config, category_dir)
     train = load_all_images(split.train, config.image_size)
     with torch.inference_mode():
-        embeddings = train_embeddings(model, train)
+        embeddings = train_embeddings(model, train, config.batch_size)
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(args.seed)
-        memory = MemoryBank.from_embeddings(embeddings, fraction, args.projection_dim, generator)
+        seed = config.seed if args.seed is None else args.seed
+        generator = torch.Generator().manual_seed(seed)
+        projection = args.projection_dim or config.memory_projection
+        memory = MemoryBank.from_embeddings(embeddings, fraction, projection, generator)
         coreset_seconds = time.perf_counter() - started
-        normal, _ = all_components(model, memory, list(split.calibration), config.image_size)
+        normal, _ = all_components(model, memory, list(split.selection), config.image_size)
         normal["st"] = normal["A"] * normal["B"] * normal["C"]
         normal["full"] = normal["st"] * normal["o7"]
         q = {k: quantile(v) for k, v in normal.items()}
@@ -200,8 +201,8 @@ def main() -> int:
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--runs", nargs="+", required=True, metavar="CATEGORY=RUN_DIR")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1])
-    parser.add_argument("--projection-dim", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--projection-dim", type=int, help="default: the run's")
+    parser.add_argument("--seed", type=int, help="the coreset's seed (default: the run's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     keep_freed_memory()

@@ -22,7 +22,8 @@ SCALE_QUANTILE = 0.99
 """q_7 and q_8 of ``full+mem``: this quantile of each map's values on the selection images."""
 
 
-def _quantile(values: torch.Tensor) -> float:
+def scale_quantile(values: torch.Tensor) -> float:
+    """SCALE_QUANTILE of a map's values (subsampled past torch.quantile's input limit)."""
     flat = values.flatten().float()
     flat = flat[:: max(1, flat.numel() // 4_000_000)]  # torch.quantile's input limit
     value = float(torch.quantile(flat, SCALE_QUANTILE))
@@ -71,4 +72,4 @@ def _scales(model: RSTPM, images: torch.Tensor, batch: int) -> torch.Tensor:
         raw, omega7, raw8 = model.raw_maps(part, ["full+mem"])
         full.append(fuse("full", model.scale_omegas(raw), size, omega7))
         omega8.append(fuse("mem", raw, size, omega8=raw8))
-    return torch.tensor([_quantile(torch.cat(full)), _quantile(torch.cat(omega8))])
+    return torch.tensor([scale_quantile(torch.cat(full)), scale_quantile(torch.cat(omega8))])
