@@ -25,7 +25,8 @@ coreset's seconds, the memory's size, Omega^8's seconds per image at batch 16.
 
     python benchmarks/memory_bank.py --data-root ../shared/data/mvtec_ad \\
         --runs transistor=runs/default/transistor-s1 transistor=runs/curve/transistor-s0@30 \\
-        [--fractions 0.01 0.1] [--projection-dim D] [--seed S] [--json out.json]
+        [--fractions 0.01 0.1] [--projection-dim D] [--seed S] [--json out.json] \\
+        [--write-maps full+2mem]   # maps as `rstpm test --out` writes them, for border_maxima.py
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from rstpm.core.smoothing import gaussian_blur
 from rstpm.data.dataset import load_all_images, load_masks
 from rstpm.data.images import image_size
 from rstpm.data.layout import list_test_samples
+from rstpm.evaluation.evaluate import write_tiff
 from rstpm.hardware import keep_freed_memory
 from rstpm.metrics.protocol import evaluate
 from rstpm.runs.run_dir import load_run
@@ -179,8 +181,17 @@ def score(run: str, category_dir: Path, fraction: float, args: argparse.Namespac
         maps = [
             resize_map(m[None], (h, w))[0].numpy() for m, (w, h) in zip(smooth, sizes, strict=True)
         ]
-        overall = evaluate(maps, masks, types, image_scores=scores)["overall"]
+        result = evaluate(maps, masks, types, image_scores=scores)
+        overall = result["overall"]
         metrics[variant] = {k: overall[k] for k in ("image_auroc", "pixel_auroc", "pro")}
+        metrics[variant]["per_defect_type"] = result["per_defect_type"]
+        if variant in args.write_maps:  # as `rstpm test --out` lays them out (border_maxima.py)
+            out = Path(f"{run_dir}-{variant}")
+            for sample, amap in zip(samples, maps, strict=True):
+                write_tiff(
+                    out / "anomaly_maps" / sample.defect_type / f"{sample.path.stem}.tiff", amap
+                )
+            (out / "metrics.json").write_text(json.dumps({"variant": variant, **result}) + "\n")
     return {
         "category": category_dir.name,
         "run": str(run_dir),
@@ -204,6 +215,13 @@ def main() -> int:
     parser.add_argument("--projection-dim", type=int, help="default: the run's")
     parser.add_argument("--seed", type=int, help="the coreset's seed (default: the run's)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--write-maps",
+        nargs="*",
+        default=[],
+        metavar="VARIANT",
+        help="also write these variants' maps to RUN_DIR-VARIANT/ as `rstpm test --out` does",
+    )
     args = parser.parse_args()
     keep_freed_memory()
     print(

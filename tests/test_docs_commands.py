@@ -208,6 +208,26 @@ def test_readme_names_every_subcommand() -> None:
     assert not missing, f"README.md has no `rstpm` command line for: {', '.join(missing)}"
 
 
+REFUSED_BY_BENCH = {"--students-from", "--workers"}
+"""Fit options `rstpm bench` accepts from the shared parser but refuses with a one-line error."""
+
+
+def test_readme_synopsis_names_every_option_of_every_command() -> None:
+    """The README's synopsis is checked against the parser: an option added to a command and
+    not to its synopsis line fails here."""
+    named: dict[str, set[str]] = {}
+    for _, args in command_lines(README):
+        argv = normalise(args)
+        if argv:
+            named.setdefault(argv[0], set()).update(a for a in argv if a.startswith("--"))
+    sub = next(a for a in docs_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        options = {o for a in command._actions for o in a.option_strings if o.startswith("--")}
+        options -= {"--help"} | (REFUSED_BY_BENCH if name == "bench" else set())
+        missing = sorted(options - named.get(name, set()))
+        assert not missing, f"README.md's synopsis of `rstpm {name}` lacks {', '.join(missing)}"
+
+
 def test_commands_are_found() -> None:
     assert len(command_lines(README)) >= 10
 
