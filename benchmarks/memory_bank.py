@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file
 
 from rstpm.core.fusion import per_resolution_sums, resize_map
-from rstpm.core.memory_bank import MemoryBank, patch_embedding
+from rstpm.core.memory_bank import MemoryBank
 from rstpm.core.smoothing import gaussian_blur
 from rstpm.data.dataset import load_all_images, load_masks
 from rstpm.data.images import image_size
@@ -53,7 +53,7 @@ from rstpm.hardware import keep_freed_memory
 from rstpm.metrics.protocol import evaluate
 from rstpm.runs.run_dir import load_run
 from rstpm.training.fit import training_split
-from rstpm.training.memory import scale_quantile
+from rstpm.training.memory import scale_quantile, training_embeddings
 
 VARIANTS = (
     "full",
@@ -70,12 +70,6 @@ VARIANTS = (
     "eq7[8+]",
 )
 BATCH = 16
-
-
-def train_embeddings(model: Any, images: torch.Tensor, batch: int) -> torch.Tensor:
-    """Patch embeddings (N, D, h, w) of the training images, ``batch`` at a time (as fit)."""
-    parts = [patch_embedding(model.teacher_features(x).t1) for x in images.split(batch)]
-    return torch.cat(parts)
 
 
 def components(
@@ -104,10 +98,6 @@ def all_components(model: Any, memory: MemoryBank, samples: list, image_size: in
         parts.append(part)
         seconds, rest = seconds + took, rest + other
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, (seconds, rest)
-
-
-def quantile(values: torch.Tensor) -> float:
-    return scale_quantile(values)  # as `rstpm fit` measures full+mem's scales
 
 
 def fusions(c: dict[str, torch.Tensor], q: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -155,7 +145,7 @@ def score(run: str, category_dir: Path, fraction: float, args: argparse.Namespac
     split = training_split(config, category_dir)
     train = load_all_images(split.train, config.image_size)
     with torch.inference_mode():
-        embeddings = train_embeddings(model, train, config.batch_size)
+        embeddings = training_embeddings(model, train, config.batch_size)
         started = time.perf_counter()
         seed = config.seed if args.seed is None else args.seed
         generator = torch.Generator().manual_seed(seed)
@@ -165,7 +155,7 @@ def score(run: str, category_dir: Path, fraction: float, args: argparse.Namespac
         normal, _ = all_components(model, memory, list(split.selection), config.image_size)
         normal["st"] = normal["A"] * normal["B"] * normal["C"]
         normal["full"] = normal["st"] * normal["o7"]
-        q = {k: quantile(v) for k, v in normal.items()}
+        q = {k: scale_quantile(v) for k, v in normal.items()}  # as `rstpm fit` scales
         samples = list_test_samples(category_dir)
         test, (memory_seconds, rest_seconds) = all_components(
             model, memory, samples, config.image_size

@@ -32,16 +32,16 @@ from rstpm.core.fusion import VARIANTS, available_variants
 from rstpm.core.precision import REQUESTS
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
-VARIANT_HELP = (
-    "default: full+mem (Eq. 7 + the memory's Omega^8), full (Eq. 7) for a run without memory, "
-    "st (Eq. 5) for a run without discriminative net"
-)
 """``--backend`` choices (rstpm.inference.backends: AUTO and BACKENDS, without importing torch
 here)."""
 BACKEND_HELP = (
     "auto: OpenVINO where installed (the run's graph, exported on first use into "
     "RUN/export/), else torch; $RSTPM_BACKEND pins what auto runs. onnx: ONNX Runtime, openvino: "
     "OpenVINO, on the graph of `rstpm export` (its one variant)"
+)
+VARIANT_HELP = (
+    "default: full+mem (Eq. 7 + the memory's Omega^8), full (Eq. 7) for a run without memory, "
+    "st (Eq. 5) for a run without discriminative net"
 )
 GRAPH_BACKENDS = ("auto", "onnx", "openvino")
 """The backends that run the exported graph (``--onnx FILE``)."""
@@ -223,7 +223,7 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     disc.add_argument(
         "--memory-fraction",
         type=float,
-        default=0.01,
+        default=Config.memory_fraction,
         metavar="F",
         help="beyond the paper: keep this share of the training images' T1 patches as a "
         "memory of normal patches (Omega^8; variants mem, full+mem); 0: none",
@@ -231,7 +231,7 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     disc.add_argument(
         "--memory-projection",
         type=int,
-        default=64,
+        default=Config.memory_projection,
         metavar="D",
         help="dimensions of the random projection the memory's greedy coreset measures on",
     )

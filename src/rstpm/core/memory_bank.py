@@ -78,15 +78,19 @@ def greedy_coreset(
     return chosen
 
 
+def _nearest(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """(..., Q) distance of each query (..., Q, D) to its nearest row of ``bank`` (M, D), by
+    ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2: one matrix product, no loop (ONNX-traceable)."""
+    squared = (queries * queries).sum(dim=-1, keepdim=True) - 2.0 * queries @ bank.T
+    squared = squared + (bank * bank).sum(dim=1)
+    return squared.amin(dim=-1).clamp_min(0.0).sqrt()
+
+
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """(Q,) Euclidean distance of each row of ``queries`` (Q, D) to its nearest row of ``bank``
     (M, D), in float32, ``chunk`` queries at a time."""
     bank = bank.float()
-    bank_squared = (bank * bank).sum(dim=1)
-    out = []
-    for part in queries.float().split(chunk):
-        squared = (part * part).sum(dim=1, keepdim=True) - 2.0 * part @ bank.T + bank_squared
-        out.append(squared.amin(dim=1).clamp_min(0.0).sqrt())
+    out = [_nearest(part, bank) for part in queries.float().split(chunk)]
     return torch.cat(out) if out else queries.new_zeros(0)
 
 
@@ -126,10 +130,6 @@ class MemoryBank(nn.Module):
         """Omega^8: each stride-8 patch's distance to its nearest memory patch, (B, h, w); one
         batched product (B, h*w, M), no loop (the ONNX graph traces it as it is)."""
         embedding = patch_embedding(t1)
-        batch, dim, height, width = embedding.shape
+        batch, _, height, width = embedding.shape
         queries = embedding.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        bank = self.bank
-        squared = (queries * queries).sum(dim=2, keepdim=True) - 2.0 * queries @ bank.T
-        squared = squared + (bank * bank).sum(dim=1)
-        distance = squared.amin(dim=2).clamp_min(0.0).sqrt()
-        return distance.reshape(batch, height, width)
+        return _nearest(queries, self.bank).reshape(batch, height, width)

@@ -31,6 +31,12 @@ def scale_quantile(values: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def training_embeddings(model: RSTPM, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """Patch embeddings (N, D, h, w) of the training images, ``batch`` images at a time."""
+    return torch.cat([patch_embedding(model.teacher_features(x).t1) for x in images.split(batch)])
+
+
+@torch.no_grad()
 def build_memory(
     model: RSTPM, config: Config, train_images: torch.Tensor, selection_images: torch.Tensor
 ) -> dict[str, Any]:
@@ -38,14 +44,13 @@ def build_memory(
     started = time.perf_counter()
     model.eval()
     batch = config.batch_size
-    embeddings = torch.cat(
-        [patch_embedding(model.teacher_features(x).t1) for x in train_images.split(batch)]
-    )
+    embeddings = training_embeddings(model, train_images, batch)
     generator = torch.Generator().manual_seed(config.seed)
+    coreset_started = time.perf_counter()
     memory = MemoryBank.from_embeddings(
         embeddings, config.memory_fraction, config.memory_projection, generator
     )
-    coreset_seconds = time.perf_counter() - started
+    coreset_seconds = time.perf_counter() - coreset_started
     model.set_memory(memory)
     quantiles = None
     if model.discriminator is not None:
