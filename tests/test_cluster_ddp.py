@@ -1,12 +1,16 @@
 """`rstpm fit --ray --workers N`: data-parallel training (rstpm.cluster.ddp) on a local Ray
 instance of 2 CPUs: the sampler's batches, 2 workers against one process, a complete run that
-survives a worker failure, and the CLI's one-line error."""
+survives a killed worker process and a failed worker (with no checkpoint copies in Ray Train's
+storage), rstpm's own error failing at once (no retry), --overwrite starting an unfinished run
+again, and the CLI's one-line error."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,9 @@ pytest.importorskip("ray")
 
 from rstpm.cli import main  # noqa: E402
 from rstpm.config import Config  # noqa: E402
-from rstpm.runs.run_dir import verify_run  # noqa: E402
+from rstpm.runs.run_dir import is_run, read_config, verify_run  # noqa: E402
 from rstpm.training.fit import fit  # noqa: E402
+from rstpm.training.loop import TrainingError  # noqa: E402
 from rstpm.training.parallel import DataParallel  # noqa: E402
 
 FAST = {
@@ -105,59 +110,104 @@ def test_two_workers_match_one_process_on_the_same_global_batches(
     assert train_bn["norm_diff_over_update"] >= TRAIN_BN_FACTOR * eval_bn["norm_diff_over_update"]
 
 
-def _fail_once(marker: str):
-    """on_epoch_end hook: the first worker past students' epoch 2 raises (once per test)."""
+def _faults(folder: str):
+    """on_epoch_end hook of the fault test, run by every worker after each epoch's report:
+
+    * each call is appended to ``folder/events`` as "pid rank stage epoch";
+    * after students' epoch 1, rank 1 arms a SIGKILL of its own process at its first optimizer
+      step of epoch 2 (mid-epoch: rank 0 waits in the next step's all-reduce);
+    * after the discriminative epoch 1, the first worker there raises a RuntimeError (not
+      rstpm's: retried).
+    Markers in ``folder`` make each fault happen once, so the retries do not fail again. Self-
+    contained (Ray pickles it by value; this module is not importable in Ray's workers)."""
 
     def hook(stage: str, epoch: int) -> None:
-        if (stage, epoch) != ("students", 2):
-            return
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
-        raise RuntimeError("injected worker failure")
+        import ray.train
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def first(name: str) -> bool:
+            try:
+                os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return False
+            return True
+
+        def kill(optimizer, args, kwargs) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        rank = ray.train.get_context().get_world_rank()
+        with open(os.path.join(folder, "events"), "a") as handle:
+            handle.write(f"{os.getpid()} {rank} {stage} {epoch}\n")
+        if (stage, epoch, rank) == ("students", 1, 1) and first("killed"):
+            register_optimizer_step_post_hook(kill)
+        if (stage, epoch) == ("discriminative", 1) and first("raised"):
+            raise RuntimeError("injected worker failure")
 
     return hook
 
 
+class _CheckpointCounter(threading.Thread):
+    """Samples ``storage`` (Ray Train's storage in the run) while a fit runs: the most
+    checkpoint folders (Ray Train names them checkpoint_<time>) it held at once."""
+
+    def __init__(self, storage: Path) -> None:
+        super().__init__(daemon=True)
+        self.storage, self.most, self.seen, self.done = storage, 0, False, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            try:
+                found = [p for p in self.storage.rglob("checkpoint_*") if p.is_dir()]
+            except OSError:  # a folder removed while walked
+                continue
+            self.seen = self.seen or self.storage.is_dir()
+            self.most = max(self.most, len(found))
+
+
 @pytest.mark.slow
-def test_data_parallel_run_resumes_after_a_failure_and_is_a_complete_run(
+def test_data_parallel_run_survives_a_killed_worker_and_is_a_complete_run(
     ray_instance, synthetic_category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from rstpm.cluster.ddp import fit_data_parallel
+    from rstpm.cluster.ddp import STORAGE_DIR, fit_data_parallel
     from rstpm.evaluation.evaluate import test
 
     config = Config(epochs=3, disc_epochs=2, **FAST)
     run = tmp_path / "ddp"
-    lines: list[str] = []
     # relative paths mean the driver's folder, also in Ray Train's workers (their own folder)
     (tmp_path / "data").symlink_to(synthetic_category)
     monkeypatch.chdir(tmp_path)
-    info = fit_data_parallel(
-        config,
-        Path("data"),
-        Path("ddp"),
-        workers=2,
-        address=None,
-        cpus_per_worker=1,
-        max_failures=1,
-        overwrite=False,
-        log=lines.append,
-        on_epoch_end=_fail_once(str(tmp_path / "failed")),
-    )
-    assert (tmp_path / "failed").exists()  # the failure happened ...
-    # ... and was resumed: from epoch 2's checkpoint, or from epoch 1's when the worker failed
-    # before Ray Train's controller had polled epoch 2's report (it registers a checkpoint when it
-    # polls; epoch 1's report was consumed before epoch 2's could be queued)
-    assert info["resumed_from"] in ({"stage": "students", "epoch": e} for e in (1, 2))
+    counter = _CheckpointCounter(run / STORAGE_DIR)
+    counter.start()
+    try:
+        info = fit_data_parallel(
+            config,
+            Path("data"),
+            Path("ddp"),
+            workers=2,
+            address=None,
+            cpus_per_worker=1,
+            max_failures=2,
+            overwrite=False,
+            log=lambda line: None,
+            on_epoch_end=_faults(str(tmp_path)),
+        )
+    finally:
+        counter.done.set()
+        counter.join()
+    assert (tmp_path / "killed").exists() and (tmp_path / "raised").exists()
+    epochs = [("students", e) for e in (1, 2, 3)] + [("discriminative", e) for e in (1, 2)]
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in log] == [
-        ("students", 1),
-        ("students", 2),
-        ("students", 3),
-        ("discriminative", 1),
-        ("discriminative", 2),
-    ]  # no epoch lost or repeated
+    assert [(r["stage"], r["epoch"]) for r in log] == epochs  # no epoch lost or repeated
+    events = [line.split() for line in (tmp_path / "events").read_text().splitlines()]
+    for rank in ("0", "1"):
+        mine = [(e[0], (e[2], int(e[3]))) for e in events if e[1] == rank]
+        # each worker, over its 3 processes, ends every epoch exactly once: the killed one
+        # resumed after students' epoch 1 (its checkpoint), the failed one after discriminative 1
+        assert [epoch for _, epoch in mine] == epochs, mine
+        assert len({pid for pid, _ in mine}) == 3, mine
+    assert info["resumed_from"] == {"stage": "discriminative", "epoch": 1}
+    assert counter.seen and counter.most <= 2, counter.most  # Ray Train keeps no copies
+    assert not (run / STORAGE_DIR).exists() and not (run / "checkpoint.safetensors").exists()
     assert info["distributed"]["workers"] == 2 and info["distributed"]["backend"] == "gloo"
     assert info["distributed"]["per_worker_batch"] == 4
     assert info["torch_threads"] == 1
@@ -172,3 +222,65 @@ def test_data_parallel_run_resumes_after_a_failure_and_is_a_complete_run(
     # every test image scored with a finite metric, verdicts at the thresholds the run calibrated
     assert metrics["n_images"] == 12 and math.isfinite(metrics["overall"]["image_auroc"])
     assert metrics["at_threshold"] is not None and metrics["false_alarm_check"] is not None
+
+
+def _diverge(folder: str):
+    """on_epoch_end hook: after students' epoch 1, rank 1 raises rstpm's NaN error (rank 0
+    goes on and waits in epoch 2's first all-reduce); every call is appended to
+    ``folder/events`` as "pid rank stage epoch"."""
+
+    def hook(stage: str, epoch: int) -> None:
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        with open(os.path.join(folder, "events"), "a") as handle:
+            handle.write(f"{os.getpid()} {rank} {stage} {epoch}\n")
+        if rank == 1:
+            raise TrainingError(f"{stage} loss became nan in epoch {epoch}; lower --lr")
+
+    return hook
+
+
+@pytest.mark.slow
+def test_own_error_fails_at_once_and_overwrite_starts_the_run_again(
+    ray_instance, synthetic_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rstpm.cluster.ddp import STORAGE_DIR, fit_data_parallel
+
+    config = Config(epochs=2, disc_epochs=1, **FAST)
+    run = tmp_path / "ddp"
+    with pytest.raises(TrainingError) as raised:
+        fit_data_parallel(
+            config,
+            synthetic_category,
+            run,
+            workers=2,
+            address=None,
+            cpus_per_worker=1,
+            max_failures=3,
+            overwrite=False,
+            log=lambda line: None,
+            on_epoch_end=_diverge(str(tmp_path)),
+        )
+    assert str(raised.value) == "students loss became nan in epoch 1; lower --lr"  # one line
+    events = (tmp_path / "events").read_text().splitlines()
+    assert [e.split()[1:] for e in events if e.split()[1] == "1"] == [["1", "students", "1"]]
+    assert len({e.split()[0] for e in events}) <= 2  # one attempt: no worker group restarted
+    assert (run / "checkpoint.safetensors").is_file() and not is_run(run)  # epoch 1's
+    assert not (run / STORAGE_DIR).exists()
+    # the same fit (same config and data) with --overwrite trains the unfinished run from the
+    # start; without it, it would continue the checkpoint
+    data, out = str(synthetic_category), str(run)
+    args = ["fit", "--data", data, "--out", out, "--ray", "--workers", "2", "--overwrite"]
+    args += ["--epochs", "2", "--disc-epochs", "1", "--image-size", "64", "--batch-size", "8"]
+    args += ["--disc-batch-size", "8", "--checkpoint-interval", "0", "--quiet", "--json"]
+    assert main(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert read_config(run).to_dict() == config.to_dict()
+    assert info["resumed_from"] is None and is_run(run)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in log] == [
+        ("students", 1),
+        ("students", 2),
+        ("discriminative", 1),
+    ]

@@ -1,13 +1,17 @@
 """`rstpm fit --ray` / `bench --ray`: one Ray task per category (rstpm.cluster.fanout).
 
-A local Ray instance (2 CPUs) runs two good categories and a bad one, the CLI and a bench; a
-two-node cluster in this process (ray.cluster_utils.Cluster) loses the node of a running task
-after its first checkpoint, and the retried task resumes from it.
+A local Ray instance (2 CPUs) runs two good categories and a bad one, the CLI, a retry after
+a finished fit (the worker killed before its task returned) and a bench; a two-node cluster
+in this process (ray.cluster_utils.Cluster) loses the node of a running task after its first
+checkpoint, and the retried task resumes from it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +33,7 @@ from rstpm.cluster.fanout import (  # noqa: E402
     format_summary,
     plan_categories,
     prepare_runs_dir,
+    run_fingerprint,
 )
 from rstpm.config import Config  # noqa: E402
 from rstpm.data.synthetic import make_synthetic_category  # noqa: E402
@@ -147,6 +152,35 @@ class TestLocalRay:
         assert table["broken"].endswith(rows[2]["error"])
         assert {p: (p / "weights.safetensors").stat().st_mtime_ns for p in weights} == weights
 
+    def test_a_retry_after_the_fit_finished_does_not_train_again(
+        self, local_ray, fanned_out, categories: dict[str, Path], tmp_path: Path
+    ) -> None:
+        """--overwrite of a complete run: the task's worker process is killed after the fit,
+        while it tests the run; Ray retries the task, which keeps the run the fit wrote."""
+        runs = tmp_path / "runs"
+        shutil.copytree(fanned_out[0] / "alpha", runs / "alpha")  # a complete run to replace
+        old = run_fingerprint(runs / "alpha")
+        log_file, died = tmp_path / "log.txt", tmp_path / "died"
+        log = _dies_once_while_testing(str(log_file), str(runs / "alpha"), str(died), os.getpid())
+        rows = fit_categories(
+            CONFIG,
+            [categories["alpha"]],
+            runs,
+            address=None,
+            num_cpus=1,
+            max_retries=1,
+            overwrite=True,
+            log=log,
+        )
+        lines = log_file.read_text().splitlines()
+        assert sum(line.startswith("[alpha] testing on ") for line in lines) == 2  # 2 attempts
+        assert sum(line.startswith("[alpha] training ") for line in lines) == 1, lines  # 1 fit
+        assert sum("finished by an earlier attempt of this task" in line for line in lines) == 1
+        assert rows[0]["status"] == "done" and rows[0]["error"] is None, rows
+        assert rows[0]["image_auroc"] is not None and rows[0]["resumed_from"] is None
+        fitted = died.read_text()  # the run as the first attempt left it
+        assert fitted != old and run_fingerprint(runs / "alpha") == fitted
+
     @pytest.mark.slow
     def test_bench_on_ray_writes_the_tables_a_local_bench_reuses(
         self, local_ray, categories: dict[str, Path], tmp_path: Path
@@ -179,6 +213,26 @@ class TestLocalRay:
         again = bench([categories["alpha"]], out, config, grid, progress=False, log=lambda _: None)
         assert [list(r["ours"]) for r in again] == [r["ours"] for r in rows]
         assert {p: (p / "weights.safetensors").stat().st_mtime_ns for p in weights} == weights
+
+
+def _dies_once_while_testing(log_file: str, run: str, marker: str, driver: int):
+    """A fit_categories log that appends its lines to ``log_file`` and, the first time a task
+    logs that it tests its run (the fit is complete), writes the run's fingerprint to
+    ``marker`` and SIGKILLs the task's worker process."""
+
+    def log(line: str) -> None:
+        with open(log_file, "a") as handle:
+            handle.write(line + "\n")
+        if " testing on " not in line or os.getpid() == driver:
+            return
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        Path(marker).write_text(run_fingerprint(Path(run)) or "")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return log
 
 
 # ---------------------------------------------------------------- two nodes, one removed

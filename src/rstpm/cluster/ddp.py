@@ -46,13 +46,24 @@ What a worker does (training.fit.train_run with a training.parallel.DataParallel
   images with its own generator (``SeedSequence([seed, stream, rank, epoch])``) and steps on
   disc_batch_size / N of them: it cannot equal one process's stream (stated, not measured).
 * Checkpoints: rank 0 writes the run's usual resumable checkpoint (Checkpointer, interval
-  ``checkpoint_interval``) and reports a copy to Ray Train (``ray.train.report(...,
-  checkpoint=...)``); every worker reports every epoch (a barrier). After a worker failure
-  (``FailureConfig(max_failures)``) Ray restarts the group, every worker loads
-  ``ray.train.get_checkpoint()`` and the loop goes on after its epoch (the log is trimmed to
-  it), so at most the epochs since the last checkpoint are trained again. Running the same
-  command again after an interruption continues the run directory's checkpoint when the config
-  and data are the same (a complete run needs ``overwrite``).
+  ``checkpoint_interval``; one atomic file, RUN/checkpoint.safetensors) and every worker
+  reports each epoch to Ray Train (``ray.train.report(metrics)``, a barrier) with no
+  checkpoint: the run's own file is the one checkpoint, on the storage every worker sees, so
+  ``RUN/.ray_train`` (Ray Train's storage) holds none (a copy of ~50 MB per epoch filled the
+  disk; ``CheckpointConfig(num_to_keep=1)`` bounds any that Ray Train would keep). After a
+  worker failure (a dead worker process or node, an exception that is not rstpm's;
+  ``FailureConfig(max_failures)``) Ray restarts the group and every worker loads the run's
+  checkpoint, rank 0 trims the log to its epoch (or empties it when there is none) and the
+  loop goes on after it: no epoch is lost or logged twice, at most the epochs since the last
+  checkpoint are trained again. A worker that finds the run complete (the fit had finished
+  when a worker died) returns at once: a finished fit is never trained again.
+* rstpm's own errors (bad data, bad weights, a NaN loss, a bad setting: ``OWN_ERRORS``) are
+  not retried: the worker raises them as a fail_fast.WorkerError, Ray Train's controller
+  stops the run at once (fail_fast.FailFast) and the driver raises the same one-line error as
+  a local fit.
+* Running the same command again after an interruption continues the run directory's
+  checkpoint when the config and data are the same; ``overwrite`` starts the fit afresh (a
+  complete run needs it).
 * Files: rank 0 writes into ``run_dir`` and Ray Train's storage is ``run_dir/.ray_train``
   (removed at the end); on a multi-node cluster ``run_dir`` must be on storage that every node
   sees (NFS), as Ray Train requires of its storage.
@@ -81,10 +92,10 @@ from rstpm.data.images import DataError
 from rstpm.hardware import CPU_FLAGS_ENV, resolve_precision, torch_threads
 from rstpm.runs.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from rstpm.runs.files import RunError, read_json
-from rstpm.runs.run_dir import RUN_FILE, is_run, read_config
-from rstpm.runs.teachers import build_model
+from rstpm.runs.run_dir import LOG_FILE, RUN_FILE, is_run, read_config
+from rstpm.runs.teachers import WeightsError, build_model
 from rstpm.training.fit import prepare_run, train_run, training_split, trim_log
-from rstpm.training.loop import Resume, seed_everything
+from rstpm.training.loop import Resume, TrainingError, seed_everything
 from rstpm.training.parallel import DataParallel, StudentModules
 from rstpm.training.students import StudentStage
 
@@ -92,6 +103,18 @@ STORAGE_DIR = ".ray_train"
 """Ray Train's storage inside the run directory while the fit runs."""
 
 EQUIVALENCE_STEPS = 4
+
+OWN_ERRORS: tuple[type[Exception], ...] = (
+    DataError,
+    RunError,
+    WeightsError,
+    TrainingError,
+    ClusterError,
+    ValueError,
+)
+"""rstpm's own errors on a worker (a retry meets them again): the fit fails at once with the
+error's one line (fail_fast.py). Anything else (a dead worker, a file system's or a
+collective's error) is retried ``max_failures`` times."""
 
 
 def check_parallel(config: Config, data_root: Path, workers: int, cpus_per_worker: int) -> None:
@@ -129,13 +152,17 @@ def fit_data_parallel(
     on_epoch_end: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train one run on ``workers`` Ray Train workers (torch DDP) and write it to ``run_dir``
-    like ``training.fit.fit``; returns its run.json info. ``on_epoch_end(stage, epoch)`` runs
-    on every worker after each epoch's report (tests inject a failure there)."""
+    like ``training.fit.fit``; returns its run.json info. Without ``overwrite`` a complete run
+    is refused and an unfinished fit of the same config and data continues its checkpoint;
+    with it the fit starts afresh. ``on_epoch_end(stage, epoch)`` runs on every worker after
+    each epoch's report (tests inject failures there). rstpm's own error on a worker is raised
+    here as it is (OWN_ERRORS, not retried); other failures, once ``max_failures`` restarts
+    are spent, are a ClusterError."""
     run_dir, data_root = Path(run_dir).resolve(), Path(data_root).resolve()
     check_parallel(config, data_root, workers, cpus_per_worker)
     if is_run(run_dir) and not overwrite:
         raise RunError(f"{run_dir} already holds a run; choose another --out or pass --overwrite")
-    meta, resume = _start(config, data_root, run_dir, overwrite, log)
+    meta = _start(config, data_root, run_dir, overwrite, log)
     storage = run_dir / STORAGE_DIR
     shutil.rmtree(storage, ignore_errors=True)  # Train v2 would restore an older run of it
     loop = {
@@ -144,15 +171,17 @@ def fit_data_parallel(
         "config": config.to_dict(),
         "run_dir": str(run_dir),
         "meta": meta,
-        "resume": resume,
         "threads": cpus_per_worker,
         "on_epoch_end": on_epoch_end,
     }
-    with ray_session(address) as ray:
-        _check_cpus(ray, workers, cpus_per_worker)
-        log(f"training {run_dir.name} on {workers} workers x {cpus_per_worker} CPU (DDP, gloo)")
-        _run_trainer(loop, workers, cpus_per_worker, max_failures, storage, "fit")
-    shutil.rmtree(storage, ignore_errors=True)
+    try:
+        with ray_session(address) as ray:
+            _check_cpus(ray, workers, cpus_per_worker)
+            size = f"{workers} workers x {cpus_per_worker} CPU"
+            log(f"training {run_dir.name} on {size} (DDP, gloo)")
+            _run_trainer(loop, workers, cpus_per_worker, max_failures, storage, "fit")
+    finally:  # Ray Train's own state only: the run's checkpoint stays in run_dir
+        shutil.rmtree(storage, ignore_errors=True)
     info = read_json(run_dir / RUN_FILE)
     info.pop("rstpm_version", None)
     return info
@@ -160,10 +189,11 @@ def fit_data_parallel(
 
 def _start(
     config: Config, data_root: Path, run_dir: Path, overwrite: bool, log: Callable[[str], None]
-) -> tuple[dict[str, Any], bool]:
-    """(the run's checkpoint meta, whether to continue its checkpoint): an unfinished fit of
-    the same config and data continues; anything else starts afresh (training.fit)."""
-    if not is_run(run_dir) and (run_dir / CHECKPOINT_FILE).is_file():
+) -> dict[str, Any]:
+    """The run's checkpoint meta: an unfinished fit of the same config and data continues
+    (its checkpoint stays for the workers to load) unless ``overwrite``; anything else starts
+    afresh (training.fit.prepare_run: no checkpoint, an empty log, no complete run)."""
+    if not overwrite and not is_run(run_dir) and (run_dir / CHECKPOINT_FILE).is_file():
         try:
             meta, _ = load_checkpoint(run_dir)
             same = read_config(run_dir).to_dict() == config.to_dict()
@@ -171,8 +201,8 @@ def _start(
             same = False
         if same and meta.get("data") == str(data_root.resolve()):
             log(f"continuing {run_dir} from its checkpoint ({meta['stage']} {meta['epoch']})")
-            return {k: meta[k] for k in ("data", "students_from")}, True
-    return prepare_run(config, data_root, run_dir), False
+            return {k: meta[k] for k in ("data", "students_from")}
+    return prepare_run(config, data_root, run_dir)
 
 
 def _check_cpus(ray: Any, workers: int, cpus_per_worker: int) -> None:
@@ -192,13 +222,16 @@ def _run_trainer(
     storage: Path,
     name: str,
 ) -> Any:
-    """``TorchTrainer(...).fit()``; a failed run is a ClusterError naming the first error."""
+    """``TorchTrainer(...).fit()``; rstpm's own error on a worker is raised again here (not
+    retried), any other failed run is a ClusterError naming the first error."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.constants import is_v2_enabled
 
     if not is_v2_enabled():
         raise ClusterError("--workers needs Ray Train v2: unset RAY_TRAIN_V2_ENABLED=0")
+    from rstpm.cluster.fail_fast import FailFast, worker_error
+
     env = {CPU_FLAGS_ENV: os.environ[CPU_FLAGS_ENV]} if CPU_FLAGS_ENV in os.environ else {}
     trainer = TorchTrainer(
         _worker,
@@ -211,12 +244,18 @@ def _run_trainer(
             name=name,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=[FailFast()],
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as error:
+        own = worker_error(error)
+        if own is not None:
+            kind = {cls.__name__: cls for cls in OWN_ERRORS}.get(own.kind, ClusterError)
+            raise kind(own.message) from None
         raise ClusterError(f"data-parallel training failed: {_first_error(error)}") from None
 
 
@@ -230,7 +269,20 @@ def _first_error(error: Exception) -> str:
 
 
 def _worker(loop: dict[str, Any]) -> None:
-    """A Ray Train worker: the fit (training.fit.train_run) or the equivalence steps."""
+    """A Ray Train worker: the fit or the equivalence steps; rstpm's own errors are raised as
+    a fail_fast.WorkerError (the run fails at once, not retried)."""
+    import ray.train
+
+    from rstpm.cluster.fail_fast import WorkerError
+
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        _work(loop)
+    except OWN_ERRORS as error:
+        raise WorkerError.of(error, rank) from error
+
+
+def _work(loop: dict[str, Any]) -> None:
     import ray.train
 
     enter_driver_folder(loop["cwd"])
@@ -256,9 +308,14 @@ def _ddp(module: nn.Module) -> nn.Module:
 def _fit_worker(loop: dict[str, Any], parallel: DataParallel) -> None:
     config = Config.from_dict(loop["config"])
     run_dir = Path(loop["run_dir"])
-    resume_from = _resume_point(run_dir, loop["resume"])
-    if resume_from is not None and parallel.is_main:
-        trim_log(run_dir, resume_from[0])
+    if is_run(run_dir):  # finished by this fit before a worker died: never trained again
+        return
+    resume_from = _resume_point(run_dir)
+    if parallel.is_main:  # the log keeps the epochs of the checkpoint, no more
+        if resume_from is not None:
+            trim_log(run_dir, resume_from[0])
+        else:
+            (run_dir / LOG_FILE).write_text("")
     reporter = _Reporter(loop["on_epoch_end"])
     train_run(
         config,
@@ -269,7 +326,6 @@ def _fit_worker(loop: dict[str, Any], parallel: DataParallel) -> None:
         on_epoch_end=reporter.epoch_end,
         resume_from=resume_from,
         parallel=parallel,
-        on_write=reporter.written,
     )
 
 
@@ -284,40 +340,25 @@ def _quiet(line: str) -> None:
     del line
 
 
-def _resume_point(run_dir: Path, resume: bool) -> Resume | None:
-    """Ray Train's latest checkpoint (a restarted worker group), else the run directory's when
-    an unfinished fit continues, else None (a new fit)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder))
-    return load_checkpoint(run_dir) if resume else None
+def _resume_point(run_dir: Path) -> Resume | None:
+    """The run's checkpoint, else None (a new fit). The driver removed any older fit's
+    (prepare_run), so the file is this fit's: the one it continues, or the last one rank 0
+    wrote before the worker group was restarted. Every worker reads it before its first
+    collective, so none can read a newer one."""
+    return load_checkpoint(run_dir) if (run_dir / CHECKPOINT_FILE).is_file() else None
 
 
 class _Reporter:
-    """Reports every epoch to Ray Train (all workers: a barrier), with a copy of the checkpoint
-    rank 0 wrote since the last report."""
+    """Reports every epoch to Ray Train (all workers: a barrier; metrics only, no checkpoint:
+    the run's own file is the checkpoint), then runs the test hook."""
 
     def __init__(self, hook: Callable[[str, int], None] | None) -> None:
-        self.hook, self.pending = hook, None
-
-    def written(self, path: Path) -> None:
-        self.pending = path
+        self.hook = hook
 
     def epoch_end(self, stage: str, epoch: int) -> None:
         import ray.train
 
-        metrics = {"stage": stage, "epoch": epoch}
-        if self.pending is None:
-            ray.train.report(metrics)
-        else:
-            with tempfile.TemporaryDirectory() as folder:
-                shutil.copy2(self.pending, Path(folder) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            self.pending = None
+        ray.train.report({"stage": stage, "epoch": epoch})
         if self.hook is not None:
             self.hook(stage, epoch)
 

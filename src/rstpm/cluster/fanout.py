@@ -12,15 +12,21 @@ Choices:
   with a one-line error instead of writing a run nobody finds. The token is removed at the end.
 * **What a task does**, in order: a run with a checkpoint (an interrupted fit, or this task's
   attempt before its worker died) is continued (``resume``, status ``resumed``; refused with a
-  one-line error when its config differs from this command's); a complete run is kept unless
-  ``--overwrite`` (status ``exists``); else ``fit`` (status ``done``). Then, when the category has
-  a test set (``test/``, the MVTec layout), ``rstpm test`` writes RUN/test/ and the summary gets
-  its image AUROC, pixel AUROC and PRO (a kept run reuses RUN/test/metrics.json).
+  one-line error when its config differs from this command's); a complete run that this job
+  finished (an earlier attempt of the task, whose worker died after the fit) is kept (status
+  ``done``); a complete run that was there when the job started is kept unless ``--overwrite``
+  (status ``exists``); else ``fit`` (status ``done``). Then, when the category has a test set
+  (``test/``, the MVTec layout), ``rstpm test`` writes RUN/test/ and the summary gets its image
+  AUROC, pixel AUROC and PRO (a kept run reuses RUN/test/metrics.json).
   ``--overwrite`` removes the runs' checkpoints before the tasks start, so only a retry of this
-  job resumes.
+  job resumes. Which complete run was there at the start the driver tells each task by a
+  fingerprint of its run.json and manifest.json (:func:`run_fingerprint`), taken before the
+  tasks start: a retry whose first attempt finished the fit sees another fingerprint and never
+  trains the category again, ``--overwrite`` or not.
 * **Retries.** Ray retries a task whose worker or node died, ``--max-retries`` times; the retry
   resumes from the run's last checkpoint, so at most the epochs since it are trained again: the
-  config's ``checkpoint_interval`` (seconds, default 60; 0: every epoch) bounds that. An error
+  config's ``checkpoint_interval`` (seconds, default 60; 0: every epoch) bounds that, and a fit
+  that had finished is not trained again (above). An error
   raised by rstpm (bad data, bad weights, a diverging loss, ...) is not retried
   (``retry_exceptions=False``): the category fails alone with rstpm's one-line error, the
   others finish. A bug's exception is reported the same way (its type and first line).
@@ -43,6 +49,7 @@ Choices:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -58,7 +65,7 @@ from rstpm.data.images import DataError
 from rstpm.evaluation.bench import Cell, bench_cell, plan_cells, run_path, write_results
 from rstpm.runs.checkpoint import CHECKPOINT_FILE, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_json, read_json
-from rstpm.runs.run_dir import RUN_FILE, is_run, read_config
+from rstpm.runs.run_dir import MANIFEST_FILE, RUN_FILE, is_run, read_config
 from rstpm.runs.teachers import WeightsError
 from rstpm.training.loop import TrainingError
 
@@ -186,8 +193,21 @@ def _same_settings(run: Path, config: Config) -> None:
         )
 
 
-def _train(category: Category, config: Config, overwrite: bool, say: Log) -> str:
-    """Resume, keep or fit the category's run; returns its status."""
+def run_fingerprint(run: Path) -> str | None:
+    """A complete run's identity (a hash of its run.json and manifest.json, which every fit
+    writes anew), or None when ``run`` holds no complete run."""
+    if not is_run(run):
+        return None
+    digest = hashlib.sha256()
+    for name in (RUN_FILE, MANIFEST_FILE):
+        path = Path(run) / name
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    return digest.hexdigest()
+
+
+def _train(category: Category, config: Config, overwrite: bool, found: str | None, say: Log) -> str:
+    """Resume, keep or fit the category's run; returns its status. ``found``: the fingerprint
+    of the complete run the driver saw before the tasks started (None: none)."""
     from rstpm.training.fit import fit, resume
 
     run = category.run
@@ -196,6 +216,9 @@ def _train(category: Category, config: Config, overwrite: bool, say: Log) -> str
         say(f"continuing {run} from its checkpoint on node {_node_id()}")
         resume(run, progress=False, log=say)
         return "resumed"
+    if is_run(run) and run_fingerprint(run) != found:
+        say(f"{run} was finished by an earlier attempt of this task: kept, not trained again")
+        return "done"
     if is_run(run) and not overwrite:
         say(f"{run} holds a complete run: kept (--overwrite trains it again)")
         return "exists"
@@ -243,10 +266,17 @@ def empty_row(category: Category) -> dict[str, Any]:
 
 
 def fit_task(
-    category: Category, config: Config, overwrite: bool, num_cpus: int, token: Path, log: Log
+    category: Category,
+    config: Config,
+    overwrite: bool,
+    found: str | None,
+    num_cpus: int,
+    token: Path,
+    log: Log,
 ) -> dict[str, Any]:
     """The Ray task of one category: train (or resume, or keep) its run, then test it; returns
-    its summary row. rstpm's errors become a ``failed`` row, not an exception."""
+    its summary row. rstpm's errors become a ``failed`` row, not an exception. ``found``: the
+    fingerprint of the complete run there before the job started (run_fingerprint)."""
     import torch
 
     torch.set_num_threads(num_cpus)
@@ -255,7 +285,7 @@ def fit_task(
     row = empty_row(category)
     try:
         _check_reach(token)
-        row["status"] = _train(category, config, overwrite, say)
+        row["status"] = _train(category, config, overwrite, found, say)
         row.update(_run_facts(category.run))
     except EXPECTED_ERRORS as error:
         row.update(status="failed", error=one_line(error))
@@ -354,17 +384,17 @@ def fit_categories(
     if overwrite:  # start afresh: only a retry of this job may resume
         for category in categories:
             remove_checkpoint(category.run)
+    found = {c.name: run_fingerprint(c.run) for c in categories}  # before any task starts
     rows: dict[str, dict[str, Any]] = {}
     with ray_session(address) as ray, _reach_token(runs_dir) as token:
         _check_fits(ray, num_cpus)
         _announce(ray, "fit --ray", len(categories), runs_dir, num_cpus, log)
         started = time.perf_counter()
         sizes = (num_cpus, max_retries)
-        common = (config, overwrite, num_cpus, token, log)
-        refs = {
-            _submit(ray, fit_task, f"rstpm fit {c.name}", sizes, c, *common): c.name
-            for c in categories
-        }
+        refs = {}
+        for c in categories:
+            args = (c, config, overwrite, found[c.name], num_cpus, token, log)
+            refs[_submit(ray, fit_task, f"rstpm fit {c.name}", sizes, *args)] = c.name
         by_name = {c.name: c for c in categories}
         for name, outcome in _outcomes(ray, refs, max_retries):
             if isinstance(outcome, str):
