@@ -287,6 +287,13 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
             help="scoring actors, each loading the run once (default: from the free CPUs)",
         )
         group.add_argument("--num-cpus", type=int, default=1, help="CPUs of each actor")
+        group.add_argument(
+            "--max-retries",
+            type=int,
+            default=2,
+            help="times a batch whose actor died is scored again; a batch that still fails "
+            "becomes error records for its images (exit 1), the others go on",
+        )
 
 
 class _SubcommandParser(argparse.ArgumentParser):
@@ -748,6 +755,7 @@ def _predict_on_ray(args: argparse.Namespace) -> int:
         cpus_per_actor=args.num_cpus,
         address=_ray_address(args),
         progress=not args.quiet,
+        max_retries=args.max_retries,
     )
     if not args.quiet:
         print(

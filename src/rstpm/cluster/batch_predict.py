@@ -20,10 +20,28 @@ Choices:
   ``score_records``, runs in the actors). Overlay stems are computed on
   the driver from the whole path list (``output_stems``) and travel in the rows, so
   sub-folders are mirrored exactly as locally whatever the batches.
-* **Exactly once**: Ray Data's actor pools restart a dead actor and retry its task
-  (``max_restarts=-1``, ``max_task_retries=-1`` are its defaults, not overridden), so a batch
-  whose actor died is scored again. The driver keeps one record per input index (a repeat is
-  dropped and counted) and fails with a ClusterError unless every input has one record.
+* **Bounded retries** (``max_retries``, ``--max-retries``, default 2): each actor task is
+  retried ``max_task_retries=max_retries`` times after its actor died, so a batch is tried at
+  most ``max_retries + 1`` times (Ray Data's defaults, -1 and -1, retry a batch that kills its
+  actor every time, a huge image or an out-of-memory, without end). ``max_restarts`` is
+  ``(max_retries + 1) x batches``: finite, yet never used up by batch deaths, because a
+  fixed-size pool whose actor is dead for good stalls (Ray Data does not replace it); an actor
+  that dies while loading the run every time therefore ends the job after that many restarts
+  (a ClusterError, RESULTS untouched), and one whose constructor raises ends it at once. The
+  dataset runs with ``max_errored_blocks=-1``: a batch out of tries is dropped and the others
+  go on. Each actor holds one batch at a time (``max_tasks_in_flight_per_actor=1``): a batch
+  queued behind one that kills the actor would otherwise lose a try with it. Ray logs one
+  line per actor that its constructor arguments sit in the object store while
+  ``max_restarts > 0``: harmless here (Ray Data holds them for the whole job). Ray Data logs
+  each dropped batch's error; ``_BlockFailures`` takes it (its traceback stays off the
+  terminal) for the error records.
+* **Exactly once**: a batch whose actor died is scored again, so a record can arrive twice. The
+  driver keeps one record per input index (a repeat is dropped and counted as a duplicate).
+  With ``preserve_order`` the records arrive in input order, so a gap is a dropped batch: each
+  of its images gets an error record in its place (``{"path", "error"}``, the error naming the
+  actor's death and the tries), as does any image still without a record at the end. Those
+  count as failed: RESULTS is written and the command exits 1; the images of that batch are
+  scored again by running the command on them (alone, or with a smaller ``--batch-size``).
 * **Output**: by RESULTS' extension: ``.jsonl`` (one JSON line per image, as ``rstpm predict``
   prints) or ``.parquet`` (one file, pyarrow, a fixed nullable schema: ``PARQUET_FIELDS``).
   ``.json`` is refused (it would suggest one JSON document). Records stream from the dataset
@@ -40,9 +58,11 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -73,6 +93,10 @@ PARQUET_FIELDS = (
 )
 """Columns of a .parquet RESULTS (null where a record lacks the field)."""
 PARQUET_ROWS_PER_GROUP = 4096
+DEFAULT_MAX_RETRIES = 2
+"""Tries of a batch after its actor died (``--max-retries``): at most this + 1 in all."""
+CRASH_ENV = "RSTPM_TEST_CRASH_ON"
+"""Test only: a file name whose batch kills its actor every time it is scored (``_Scorer``)."""
 
 
 def results_format(out: Path) -> str:
@@ -91,9 +115,11 @@ def results_format(out: Path) -> str:
 class _Scorer:
     """A Ray Data actor: loads the run once, scores batches of rows {index, path, stem}.
 
-    ``crash_marker`` is a test hook only: the actor whose 2nd batch finds that file absent
-    creates it and exits the process (once in the whole job), to prove that a dead actor's
-    batch is scored again and exactly once.
+    Test hooks only: ``crash_marker``: the actor whose 2nd batch finds that file absent
+    creates it and kills its own process (once in the whole job), to prove that a dead actor's
+    batch is scored again and exactly once; ``crash_on`` (``RSTPM_TEST_CRASH_ON`` on the
+    driver): a batch holding an image of that file name kills its actor every time, to prove
+    that retries are bounded.
     """
 
     def __init__(
@@ -107,6 +133,7 @@ class _Scorer:
         threads: int,
         cwd: str,
         crash_marker: str | None = None,
+        crash_on: str | None = None,
     ) -> None:
         import torch
 
@@ -115,6 +142,7 @@ class _Scorer:
         self.detector = Detector.load(run, variant, backend, precision, onnx_path)
         self.batch_size = batch_size
         self.crash_marker = crash_marker
+        self.crash_on = crash_on
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,6 +150,8 @@ class _Scorer:
         if self.crash_marker is not None and self.calls == 2:
             _exit_once(Path(self.crash_marker))
         paths = [Path(str(p)) for p in batch["path"]]
+        if self.crash_on and any(p.name == self.crash_on for p in paths):
+            os.kill(os.getpid(), signal.SIGKILL)
         stems = [Path(str(s)) if s else None for s in batch["stem"]]
         records = score_records(self.detector, paths, stems, self.batch_size)
         return {
@@ -131,12 +161,12 @@ class _Scorer:
 
 
 def _exit_once(marker: Path) -> None:
-    """Test hook: exit this process unless ``marker`` exists (created atomically first)."""
+    """Test hook: kill this process unless ``marker`` exists (created atomically first)."""
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
-    os._exit(1)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def choose_actors(ray: Any, requested: int | None, cpus_per_actor: int, n_batches: int) -> int:
@@ -172,7 +202,9 @@ def _rows(paths: Sequence[Path], save_dir: Path | None) -> list[dict[str, Any]]:
     ]
 
 
-def _validate(batch_size: int, cpus_per_actor: int, actors: int | None) -> None:
+def _validate(batch_size: int, cpus_per_actor: int, actors: int | None, retries: int) -> None:
+    if retries < 0:
+        raise ValueError(f"--max-retries must be at least 0, got {retries}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if cpus_per_actor < 1:
@@ -263,60 +295,154 @@ def _dataset(
     constructor: dict[str, Any],
     cpus_per_actor: int,
     batch_size: int,
+    max_retries: int = DEFAULT_MAX_RETRIES,
 ) -> Any:
     ds = ray.data.from_items(rows, override_num_blocks=n_batches)
-    ds = ds.map_batches(
-        _Scorer,
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        fn_constructor_kwargs=constructor,
-        num_cpus=cpus_per_actor,
-        udf_modifying_row_count=False,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for these two actor options yet; its warning that
+        # the remote-args keywords are deprecated would be noise on every run.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map_batches(
+            _Scorer,
+            batch_size=batch_size,
+            # one batch per actor at a time: a batch queued behind one that kills the actor
+            # would lose a try with it
+            compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
+            fn_constructor_kwargs=constructor,
+            num_cpus=cpus_per_actor,
+            udf_modifying_row_count=False,
+            max_task_retries=max_retries,
+            max_restarts=(max_retries + 1) * n_batches,
+        )
     ds.context.execution_options.preserve_order = True
+    ds.context.max_errored_blocks = -1  # a batch out of tries: error records, the rest goes on
     ds.context.enable_progress_bars = False
     return ds
 
 
-def _collect(ds: Any, n: int, writer: _Writer, progress: bool, batch_size: int) -> dict[str, int]:
-    """Stream the scored batches into ``writer``: one record per input index."""
+class _BlockFailures(logging.Filter):
+    """Takes the errors of the batches Ray Data dropped (``max_errored_blocks``) from its log
+    record, which then stays off the terminal (a traceback per batch); other records pass."""
+
+    LOGGER = "ray.data._internal.execution.streaming_executor_state"
+
+    def __init__(self, tries: int) -> None:
+        super().__init__()
+        self.tries = tries
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and "Ignoring this exception" in record.getMessage():
+            self.errors.append(error)
+            return False
+        return True
+
+    def reason(self) -> str:
+        """Why a dropped batch has no records, for its images' error records."""
+        if not self.errors:
+            return "its batch failed on the cluster (see the Ray log)"
+        error = self.errors[-1]
+        if _is_actor_death(error):  # Ray's text is about sockets; the type says it
+            return (
+                f"the scoring actor died on its batch {self.tries} times "
+                f"({type(error).__name__}: out of memory or a crash; see the Ray worker logs)"
+            )
+        return f"its batch failed ({type(error).__name__}: {_first_line(error)})"
+
+
+def _is_actor_death(error: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:  # pragma: no cover - Ray is there whenever a job ran
+        return False
+    return isinstance(error, RayActorError)
+
+
+def _unscored(path: str, failures: _BlockFailures | None) -> dict[str, str]:
+    reason = failures.reason() if failures is not None else "no record came back"
+    return {
+        "path": path,
+        "error": f"{path}: not scored: {reason}; score it again with `rstpm predict` "
+        "(a smaller --batch-size isolates the image at fault)",
+    }
+
+
+class _Counts:
+    """The driver's bookkeeping: one record per input index, written in input order."""
+
+    def __init__(self, paths: Sequence[str], writer: _Writer, bar: Any) -> None:
+        self.paths = paths
+        self.writer = writer
+        self.bar = bar
+        self.seen = np.zeros(len(paths), dtype=bool)
+        self.next = 0  # every index below has its record
+        self.counts = {"anomalous": 0, "failed": 0, "duplicates": 0}
+
+    def add(self, index: int, line: str, failures: _BlockFailures | None) -> None:
+        if self.seen[index]:
+            self.counts["duplicates"] += 1
+            return
+        self.fill(index, failures)  # a gap before it: a dropped batch (records come in order)
+        self.put(index, line, json.loads(line))
+
+    def fill(self, stop: int, failures: _BlockFailures | None) -> None:
+        """Error records for the images below ``stop`` that have none."""
+        for index in range(self.next, stop):
+            if not self.seen[index]:
+                record = _unscored(self.paths[index], failures)
+                self.put(index, json.dumps(record), record)
+
+    def put(self, index: int, line: str, record: dict) -> None:
+        self.seen[index] = True
+        self.next = max(self.next, index + 1)
+        self.writer.write(line, record)
+        self.bar.update(1)
+        if "error" in record:
+            self.counts["failed"] += 1
+            print(f"rstpm predict: error: {record['error']}", file=sys.stderr)
+        self.counts["anomalous"] += record.get("verdict") == "anomalous"
+
+
+def _collect(
+    ds: Any,
+    paths: Sequence[str],
+    writer: _Writer,
+    progress: bool,
+    batch_size: int,
+    failures: _BlockFailures | None = None,
+) -> dict[str, int]:
+    """Stream the scored batches into ``writer``: one record per input index, in input order;
+    an image whose batch was dropped gets an error record in its place."""
     from tqdm.auto import tqdm
 
-    seen = np.zeros(n, dtype=bool)
-    counts = {"anomalous": 0, "failed": 0, "duplicates": 0}
-    bar = tqdm(total=n, desc="predict", unit="img", disable=not progress)
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+    state = _Counts(paths, writer, bar)
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         for index, line in zip(batch["index"], batch["record"], strict=True):
-            if seen[index]:
-                counts["duplicates"] += 1
-                continue
-            seen[index] = True
-            record = json.loads(line)
-            writer.write(str(line), record)
-            bar.update(1)
-            if "error" in record:
-                counts["failed"] += 1
-                print(f"rstpm predict: error: {record['error']}", file=sys.stderr)
-            counts["anomalous"] += record.get("verdict") == "anomalous"
+            state.add(int(index), str(line), failures)
+    state.fill(len(paths), failures)
     bar.close()
-    missing = int(n - seen.sum())
-    if missing:
-        raise ClusterError(
-            f"{missing} of {n} images got no record from the cluster; nothing was written, "
-            "run the command again"
-        )
-    return counts
+    return state.counts
 
 
 def _write_results(
-    ray: Any, ds: Any, n: int, out: Path, fmt: str, progress: bool, batch_size: int
+    ray: Any,
+    ds: Any,
+    paths: Sequence[str],
+    out: Path,
+    fmt: str,
+    progress: bool,
+    batch_size: int,
+    tries: int = DEFAULT_MAX_RETRIES + 1,
 ) -> dict[str, int]:
     """Run the job into a temporary file and rename it to ``out`` once every image has its
     record; on any failure or interrupt the temporary file goes and ``out`` is untouched."""
     writer = _Writer(out, fmt)
+    failures = _BlockFailures(tries)
     try:
-        with _quiet_ray_data():
-            counts = _collect(ds, n, writer, progress, batch_size)
+        with _quiet_ray_data(failures):
+            counts = _collect(ds, paths, writer, progress, batch_size, failures)
         writer.commit()
     except ray.exceptions.RayError as error:
         writer.discard()
@@ -328,18 +454,23 @@ def _write_results(
 
 
 @contextlib.contextmanager
-def _quiet_ray_data() -> Iterator[None]:
+def _quiet_ray_data(failures: _BlockFailures | None = None) -> Iterator[None]:
     """Ray Data's own INFO lines (plan, start, finish) and its progress-bar notice stay off
-    the terminal: rstpm's bar and summary say the same; its warnings still show."""
+    the terminal: rstpm's bar and summary say the same; its warnings still show. ``failures``
+    takes the errors of dropped batches off its log."""
     loggers = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
     saved = {name: logging.getLogger(name).level for name in loggers}
     for name, level in loggers.items():
         logging.getLogger(name).setLevel(level)
+    if failures is not None:
+        logging.getLogger(_BlockFailures.LOGGER).addFilter(failures)
     try:
         yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+        if failures is not None:
+            logging.getLogger(_BlockFailures.LOGGER).removeFilter(failures)
 
 
 def _first_line(error: BaseException) -> str:
@@ -362,20 +493,23 @@ def predict_on_ray(
     cpus_per_actor: int,
     address: str | None,
     progress: bool,
+    max_retries: int = DEFAULT_MAX_RETRIES,
     crash_marker: Path | None = None,
 ) -> dict[str, Any]:
     """Score ``paths`` on a Ray cluster and write one record per image to ``out``.
 
+    A batch is tried at most ``max_retries + 1`` times; one that kills its actor every time
+    becomes error records for its images (counted in ``failed``) and the others go on.
     Returns the summary: images, anomalous, failed, duplicates (repeated records dropped),
     seconds, actors, out. ``crash_marker`` is a test hook (see ``_Scorer``).
 
     Raises:
         DataError: a bad RESULTS name; ClusterError: no cluster, an actor pool that can never
-        be scheduled, a job that failed or lost records; RunError and friends from the run.
+        be scheduled, a job that failed as a whole; RunError and friends from the run.
     """
     out = Path(out)
     fmt = results_format(out)
-    _validate(batch_size, cpus_per_actor, actors)
+    _validate(batch_size, cpus_per_actor, actors, max_retries)
     paths = [Path(p) for p in paths]
     if not paths:
         raise DataError("no input images given")
@@ -395,9 +529,15 @@ def predict_on_ray(
             "threads": cpus_per_actor,
             "cwd": os.getcwd(),
             "crash_marker": None if crash_marker is None else str(crash_marker),
+            "crash_on": os.environ.get(CRASH_ENV) or None,
         }
-        ds = _dataset(ray, rows, n_batches, n_actors, constructor, cpus_per_actor, batch_size)
-        counts = _write_results(ray, ds, len(paths), out, fmt, progress, batch_size)
+        ds = _dataset(
+            ray, rows, n_batches, n_actors, constructor, cpus_per_actor, batch_size, max_retries
+        )
+        names = [row["path"] for row in rows]
+        counts = _write_results(
+            ray, ds, names, out, fmt, progress, batch_size, tries=max_retries + 1
+        )
     return {
         "images": len(paths),
         **counts,
