@@ -116,11 +116,11 @@ class GatedDetector:
         self.entered.clear()
         self.gate.clear()
 
-    def predict_many(self, images: list, batch_size: int = 16) -> Iterator:
+    def predict_many(self, images: list, batch_size: int = 16, **options: Any) -> Iterator:
         self.entered.set()
         assert self.gate.wait(WAIT), "the test never opened the gate"
         self.batches.append(len(images))
-        return self._detector.predict_many(images, batch_size)
+        return self._detector.predict_many(images, batch_size, **options)
 
 
 def _gated_app(runs: dict[str, ServedRun], **settings: Any) -> tuple[FastAPI, GatedDetector]:

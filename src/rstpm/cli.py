@@ -484,6 +484,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="require Authorization: Bearer KEY (default: $RSTPM_API_KEY; unset: no key)",
     )
     serve.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    serve.add_argument(
+        "--max-pixels-in-flight",
+        type=int,
+        help="decoded image pixels held at once; beyond, 503 Retry-After (default: 1/8 of this "
+        "machine's memory at 12 bytes per pixel)",
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, default=30.0, help="seconds before a request gets 504"
+    )
+    serve.add_argument(
+        "--stall-seconds",
+        type=float,
+        help="/readyz says 503 when a worker with work has finished no batch for this long "
+        "(default: --request-timeout)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=128,
+        help="connections and requests at once; beyond, 503 from uvicorn",
+    )
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        help="after SIGTERM or Ctrl-C: /readyz says 503 and requests are served this long",
+    )
 
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
     demo.add_argument(
@@ -893,6 +920,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         max_body_mb=args.max_body_mb,
         api_key=args.api_key,
+        max_pixels_in_flight=args.max_pixels_in_flight,
+        request_timeout=args.request_timeout,
+        stall_seconds=args.stall_seconds,
+        max_connections=args.max_connections,
+        drain_seconds=args.drain_seconds,
     )
     return run_server(args.run, args.host, args.port, settings, args.backend)
 

@@ -27,7 +27,7 @@ from rstpm.config import Config
 from rstpm.core.fusion import resize_map
 from rstpm.data.images import DataError, open_image, pil_to_tensor
 from rstpm.inference.backends import BatchMaps, open_backend
-from rstpm.metrics.thresholds import Thresholds
+from rstpm.metrics.thresholds import Threshold, Thresholds
 from rstpm.runs.thresholds_file import load_thresholds
 from rstpm.training.fit import fit
 
@@ -39,7 +39,7 @@ class Prediction:
     """The result for one image. Maps are at the image's own size."""
 
     score: float  # raw image score: the maximum of the anomaly map at the network's size
-    anomaly_map: np.ndarray  # (H, W) float32, raw values
+    anomaly_map: np.ndarray | None  # (H, W) float32, raw values (None: asked without maps)
     normalised_score: float | None = None  # in [0, 1], 0.5 at the image threshold
     is_anomalous: bool | None = None  # None when the run has no thresholds
     normalised_map: np.ndarray | None = None  # (H, W) in [0, 1], 0.5 at the pixel threshold
@@ -117,6 +117,32 @@ def to_network_input(
     raise DataError(f"{name}: cannot read a {type(x).__name__} as an image")
 
 
+ROW_CHUNK_PIXELS = 1 << 22
+"""Pixels per block when an own-size map is compared or normalised block by block (the
+float64 temporaries of :meth:`Threshold.normalise` stay this small)."""
+
+
+def _row_blocks(height: int, width: int) -> Iterator[slice]:
+    rows = max(1, ROW_CHUNK_PIXELS // max(width, 1))
+    for start in range(0, height, rows):
+        yield slice(start, start + rows)
+
+
+def _fraction_at_or_above(raw: np.ndarray, value: float) -> float:
+    """``float(np.mean(raw >= value))``, counted block by block (no map-sized bool array)."""
+    count = sum(int(np.count_nonzero(raw[rows] >= value)) for rows in _row_blocks(*raw.shape))
+    return count / raw.size
+
+
+def _rows_normalised(threshold: Threshold, raw: np.ndarray) -> np.ndarray:
+    """``threshold.normalise(raw)`` (float32), computed block by block: the same values
+    without a map-sized float64 copy."""
+    out = np.empty(raw.shape, dtype=np.float32)
+    for rows in _row_blocks(*raw.shape):
+        out[rows] = threshold.normalise(raw[rows])
+    return out
+
+
 class Detector:
     """A trained run ready for inference (torch, ONNX Runtime or OpenVINO), with its
     thresholds."""
@@ -169,42 +195,55 @@ class Detector:
         fit(Config(**config), Path(data), Path(run_dir), progress=progress)
         return cls.load(run_dir)
 
-    def _finish(self, fused: torch.Tensor, own: tuple[int, int], path: str | None) -> Prediction:
+    def _finish(
+        self, fused: torch.Tensor, own: tuple[int, int], path: str | None, maps: bool = True
+    ) -> Prediction:
+        """The prediction of one image from its fused map at the network's size. Without
+        ``maps`` the own-size map is only used for the defect area fraction, then dropped."""
         score = float(fused.max())
         raw = resize_map(fused[None].float(), own)[0].numpy()
-        prediction = Prediction(score=score, anomaly_map=raw, path=path)
+        prediction = Prediction(score=score, anomaly_map=raw if maps else None, path=path)
         if self.thresholds is not None:
             prediction.normalised_score = float(self.thresholds.image.normalise(score))
             prediction.is_anomalous = score >= self.thresholds.image.value
-            prediction.normalised_map = self.thresholds.pixel.normalise(raw)
-            prediction.defect_area_fraction = float(np.mean(raw >= self.thresholds.pixel.value))
+            if maps:
+                prediction.normalised_map = _rows_normalised(self.thresholds.pixel, raw)
+            prediction.defect_area_fraction = _fraction_at_or_above(
+                raw, self.thresholds.pixel.value
+            )
         return prediction
 
     def predict_many(
-        self, inputs: Iterable[ImageInput], batch_size: int = 16
+        self,
+        inputs: Iterable[ImageInput],
+        batch_size: int = 16,
+        maps: bool | Sequence[bool] = True,
     ) -> Iterator[Prediction | PredictionError]:
         """Results in input order; an input that cannot be read yields a PredictionError and
-        the others are still processed."""
-        pending: list[tuple[torch.Tensor, tuple[int, int], str | None]] = []
+        the others are still processed. ``maps`` (one for all, or one per input): False gives
+        predictions without ``anomaly_map`` and ``normalised_map`` (the same scores, verdict and
+        defect area fraction, without keeping maps at the image's own size)."""
+        pending: list[tuple[torch.Tensor, tuple[int, int], str | None, bool]] = []
 
         def flush() -> Iterator[Prediction]:
             if not pending:
                 return
             with torch.inference_mode():
                 fused = self._batch_maps(torch.stack([p[0] for p in pending]))[self.variant]
-            for (_, own, path), one in zip(pending, fused, strict=True):
-                yield self._finish(one, own, path)
+            for (_, own, path, keep), one in zip(pending, fused, strict=True):
+                yield self._finish(one, own, path, keep)
             pending.clear()
 
         for i, x in enumerate(inputs):
             path = str(x) if isinstance(x, (str, Path)) else None
+            keep = maps if isinstance(maps, bool) else bool(maps[i])
             try:
                 tensor, own = to_network_input(x, self.config.image_size, path or f"input {i}")
             except DataError as error:
                 yield from flush()  # keep the output in input order
                 yield PredictionError(path, str(error))
                 continue
-            pending.append((tensor, own, path))
+            pending.append((tensor, own, path, keep))
             if len(pending) == batch_size:
                 yield from flush()
         yield from flush()

@@ -5,6 +5,13 @@ an ASGI app. Its lifespan starts one :class:`~rstpm.serve.batching.MicroBatcher`
 warms each run up with one inference, and only then reports ready; at shutdown it reports not
 ready, refuses new images and finishes the queued ones. Every error a client can cause is a 4xx
 answer ``{"error": "..."}`` naming the problem; the server goes on serving.
+
+Memory is bounded before anything is decoded (:mod:`rstpm.serve.admission`): a slot of the run,
+then the image's size from its header against the budget of decoded pixels in flight; maps at
+the image's own size are kept only when ``?map=`` or ``?overlay=`` asks for them. Every request
+has a deadline (``request_timeout``: 504). ``/readyz`` is false before warm-up, while draining
+(:func:`start_draining`), at shutdown, and while a run's worker has work and has finished no
+batch for ``stall_seconds`` (a stuck backend).
 """
 
 from __future__ import annotations
@@ -26,6 +33,14 @@ from starlette.requests import ClientDisconnect
 
 from rstpm._version import __version__
 from rstpm.inference.detector import Detector, Prediction, PredictionError
+from rstpm.serve.admission import (
+    ImageOverBudgetError,
+    Lease,
+    OverBudgetError,
+    PixelBudget,
+    Slots,
+    default_pixel_budget,
+)
 from rstpm.serve.batching import MicroBatcher, QueueFullError, ShuttingDownError
 from rstpm.serve.metrics import CONTENT_TYPE, ServeMetrics
 from rstpm.serve.middleware import GuardAndCount
@@ -37,6 +52,7 @@ from rstpm.serve.upload import (
     UploadError,
     check_content_type,
     decode_image,
+    header_pixels,
     multipart_file,
     read_body,
 )
@@ -50,23 +66,57 @@ MapParam = Annotated[Literal["png"] | None, Query(alias="map", description="png:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Batching, back-pressure, body limit and access of one server."""
+    """Batching, back-pressure, memory budget, deadlines, draining, body limit and access of one
+    server. ``max_pixels_in_flight`` None: :func:`default_pixel_budget` (from the machine's
+    memory); ``stall_seconds`` None: ``request_timeout``."""
 
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     queue_size: int = 64
     max_body_mb: float = 32.0
     api_key: str | None = None
+    max_pixels_in_flight: int | None = None
+    request_timeout: float = 30.0
+    stall_seconds: float | None = None
+    max_connections: int = 128
+    drain_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1:
             raise ValueError("--max-batch-size and --queue-size must be at least 1")
         if self.max_wait_ms < 0 or not self.max_body_mb > 0:
             raise ValueError("--max-wait-ms must be >= 0 and --max-body-mb > 0")
+        if self.max_pixels_in_flight is not None and self.max_pixels_in_flight < 1:
+            raise ValueError("--max-pixels-in-flight must be at least 1 (a number of pixels)")
+        stall = self.stall_seconds
+        if not self.request_timeout > 0 or (stall is not None and not stall > 0):
+            raise ValueError("--request-timeout and --stall-seconds must be > 0 (seconds)")
+        if self.max_connections < 1 or self.drain_seconds < 0:
+            raise ValueError("--max-connections must be at least 1 and --drain-seconds >= 0")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def pixel_budget(self) -> int:
+        """The budget of decoded pixels in flight."""
+        return self.max_pixels_in_flight or default_pixel_budget()
+
+    @property
+    def stall_limit(self) -> float:
+        """Seconds without a finished batch, work in flight, before /readyz says stalled."""
+        return self.stall_seconds if self.stall_seconds is not None else self.request_timeout
+
+
+@dataclass
+class Work:
+    """One image for a run's worker: whether its answer needs the maps at the image's own size,
+    and the pixel lease the worker lets go of when its batch is done."""
+
+    image: Image.Image
+    maps: bool = False
+    lease: Lease | None = None
 
 
 @dataclass
@@ -75,7 +125,28 @@ class _State:
     settings: ServeSettings
     metrics: ServeMetrics
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)
+    slots: dict[str, Slots] = field(default_factory=dict)
+    budget: PixelBudget = field(default_factory=lambda: PixelBudget(1))
     ready: bool = False
+    stopping: bool = False
+    draining: bool = False
+
+    def not_ready_because(self) -> str | None:
+        """Why /readyz says not ready, or None when ready."""
+        if self.draining:
+            return "draining: the server is shutting down; send new requests elsewhere"
+        if self.stopping:
+            return "shutting down"
+        if not self.ready:
+            return "starting: the runs are warming up"
+        limit = self.settings.stall_limit
+        for name, batcher in self.batchers.items():
+            if batcher.stalled(limit):
+                return (
+                    f"run {name}: the inference worker has work and has finished no batch for "
+                    f"over {limit:g} s (--stall-seconds)"
+                )
+        return None
 
     def batcher(self, name: str) -> MicroBatcher:
         """The batcher of a run by name (404 for an unknown name, 503 before start-up)."""
@@ -87,19 +158,26 @@ class _State:
         return self.batchers[name]
 
 
-def batch_predictor(
-    detector: Detector,
-) -> Callable[[list[Image.Image]], list[Prediction | UploadError]]:
-    """The batch function of a run's batcher: one ``predict_many`` call for the whole batch, an
-    image that cannot be converted becomes that request's 422."""
+def batch_predictor(detector: Detector) -> Callable[[list[Work]], list[Prediction | UploadError]]:
+    """The batch function of a run's batcher: one ``predict_many`` call for the whole batch
+    (own-size maps only for the works that need them), an image that cannot be converted
+    becomes that request's 422."""
 
-    def process(images: list[Image.Image]) -> list[Prediction | UploadError]:
-        results = detector.predict_many(images, batch_size=max(len(images), 1))
+    def process(works: list[Work]) -> list[Prediction | UploadError]:
+        images = [work.image for work in works]
+        maps = [work.maps for work in works]
+        results = detector.predict_many(images, batch_size=max(len(images), 1), maps=maps)
         return [
             UploadError(422, r.message) if isinstance(r, PredictionError) else r for r in results
         ]
 
     return process
+
+
+def _let_go(work: Work) -> None:
+    """The worker is done with a work's image: its share of the pixel lease goes back."""
+    if work.lease is not None:
+        work.lease.release()
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -131,6 +209,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def shutting_down(_: Request, error: ShuttingDownError) -> JSONResponse:
         return _busy(error)
 
+    @app.exception_handler(OverBudgetError)
+    async def over_budget(_: Request, error: OverBudgetError) -> JSONResponse:
+        return _busy(error)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         return _error(error.status_code, str(error.detail), dict(error.headers or {}))
@@ -156,31 +238,92 @@ async def _start(state: _State) -> None:
             settings.queue_size,
             observe=state.metrics.batch_observer(name),
             name=f"rstpm-infer-{name}",
+            on_done=_let_go,
         )
         batcher.start()
         state.metrics.watch(name, batcher)
         state.batchers[name] = batcher
+        state.slots[name] = Slots(settings.queue_size + settings.max_batch_size)
     for name, batcher in state.batchers.items():
         size = state.runs[name].detector.config.image_size
-        await batcher.submit(Image.new("RGB", (size, size), (128, 128, 128)))
+        await batcher.submit(Work(Image.new("RGB", (size, size), (128, 128, 128))))
     state.ready = True
 
 
 async def _stop(state: _State) -> None:
     """Not ready, no new images, every queued image answered."""
     state.ready = False
+    state.stopping = True
     for batcher in state.batchers.values():
         await asyncio.to_thread(batcher.close)
 
 
-async def _image_from(request: Request, limit: int) -> tuple[Image.Image, str | None]:
-    """The request's image (raw body or multipart ``file``) and its file name, if any."""
+async def _body_of(request: Request, limit: int) -> tuple[bytes, str | None]:
+    """The request's image bytes (raw body or multipart ``file``) and its file name, if any."""
     kind = check_content_type(request.headers)
     body = await read_body(request, limit)
     filename = None
     if kind == MULTIPART:
         body, filename = await multipart_file(request.headers, body)
-    return await asyncio.to_thread(decode_image, body), filename
+    return body, filename
+
+
+async def _holding(lease: Lease, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` on a thread that holds a share of ``lease`` until it returns. A
+    request that times out stops waiting, but the call always runs to its end (shielded: a call
+    cancelled before it started would never let go of its share), its pixels counted."""
+    lease.share()
+
+    def call() -> Any:
+        try:
+            return function(*args)
+        finally:
+            lease.release()
+
+    task = asyncio.ensure_future(asyncio.to_thread(call))
+    task.add_done_callback(_consume)
+    return await asyncio.shield(task)
+
+
+def _consume(task: asyncio.Future) -> None:
+    """Read a shielded call's outcome, so that one nobody waits for any more logs nothing."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _reserve(state: _State, pixels: int) -> Lease:
+    """The image's pixels reserved against the budget (503 busy, 413 never admissible)."""
+    try:
+        return state.budget.reserve(pixels)
+    except OverBudgetError:
+        state.metrics.refusals.labels("pixel_budget").inc()
+        raise
+    except ImageOverBudgetError as error:
+        state.metrics.refusals.labels("over_budget").inc()
+        raise UploadError(413, str(error)) from error
+
+
+async def _predict_one(
+    state: _State, name: str, request: Request, heatmap: bool, overlay: bool
+) -> JSONResponse:
+    """Admission by size, decoding, inference and pictures of one request (its slot held)."""
+    body, filename = await _body_of(request, state.settings.max_body_bytes)
+    lease = _reserve(state, header_pixels(body))
+    try:
+        image = await _holding(lease, decode_image, body)
+        del body
+        work = Work(image, heatmap or overlay, lease.share())
+        try:
+            prediction = await state.batchers[name].submit(work)
+        except (QueueFullError, ShuttingDownError):
+            lease.release()  # never queued: the worker will not let go of it
+            raise
+        answer = _answer(state.runs[name], prediction, image, filename)
+        if heatmap or overlay:
+            answer |= await _holding(lease, _pictures, prediction, image, heatmap, overlay)
+        return JSONResponse(answer)
+    finally:
+        lease.release()
 
 
 def _answer(
@@ -221,9 +364,13 @@ def _add_routes(app: FastAPI, state: _State) -> None:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        """Every run loaded and warmed up (503 before, and while shutting down)."""
-        body = {"ready": state.ready, "runs": list(state.runs)}
-        return JSONResponse(body, 200 if state.ready else 503)
+        """Every run loaded and warmed up, not draining, no worker stalled (else 503 with the
+        reason)."""
+        reason = state.not_ready_because()
+        body: dict[str, Any] = {"ready": reason is None, "runs": list(state.runs)}
+        if reason is not None:
+            body["reason"] = reason
+        return JSONResponse(body, 200 if reason is None else 503)
 
     @app.get("/v1/runs")
     async def list_runs() -> dict[str, list[dict[str, Any]]]:
@@ -241,17 +388,39 @@ def _add_routes(app: FastAPI, state: _State) -> None:
         """One image (raw body, or multipart part ``file``) -> the record of ``rstpm predict``
         with the run's variant and thresholds; ``?map=png`` / ``?overlay=png`` add the
         pictures as base64 PNG."""
-        batcher = state.batcher(name)
+        state.batcher(name)  # 404 unknown, 503 not started
+        slots, timeout = state.slots[name], state.settings.request_timeout
         try:
-            image, filename = await _image_from(request, state.settings.max_body_bytes)
+            slots.take()
+        except QueueFullError:
+            state.metrics.refusals.labels("slots").inc()
+            raise
+        try:
+            async with asyncio.timeout(timeout):
+                return await _predict_one(
+                    state, name, request, heatmap is not None, overlay is not None
+                )
         except ClientDisconnect:
             return _error(400, "the client disconnected before the body was complete")
-        prediction = await batcher.submit(image)
-        answer = _answer(state.runs[name], prediction, image, filename)
-        if heatmap or overlay:
-            draw = (prediction, image, heatmap is not None, overlay is not None)
-            answer |= await asyncio.to_thread(_pictures, *draw)
-        return JSONResponse(answer)
+        except ShuttingDownError:
+            state.metrics.refusals.labels("shutting_down").inc()
+            raise
+        except TimeoutError:
+            state.metrics.refusals.labels("timeout").inc()
+            state.metrics.timeouts.labels(name).inc()
+            return _error(
+                504,
+                f"no answer within {timeout:g} s (--request-timeout): the server is overloaded "
+                "or its inference is stuck; retry later",
+            )
+        finally:
+            slots.give_back()
+
+
+def start_draining(app: FastAPI) -> None:
+    """``/readyz`` answers 503 from now on (a load balancer stops sending); requests are still
+    served until the server stops."""
+    app.state.rstpm.draining = True
 
 
 def create_app(runs: dict[str, ServedRun], settings: ServeSettings | None = None) -> FastAPI:
@@ -259,7 +428,12 @@ def create_app(runs: dict[str, ServedRun], settings: ServeSettings | None = None
     if not runs:
         raise ValueError("serve needs at least one run")
     settings = settings or ServeSettings()
-    state = _State(runs, settings, ServeMetrics())
+    state = _State(runs, settings, ServeMetrics(), budget=PixelBudget(settings.pixel_budget))
+    state.metrics.watch_admission(
+        lambda: state.budget.used,
+        state.budget.limit,
+        lambda: state.not_ready_because() is None,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -10,6 +10,11 @@ not in the queue, so at most ``queue_size + max_batch_size`` items are admitted 
 
 Shutdown is graceful: :meth:`close` refuses new items (:class:`ShuttingDownError`), lets the
 worker finish every item already queued, then stops the thread.
+
+A watchdog reads :meth:`MicroBatcher.stalled`: items in flight and no batch finished for a given
+time (a worker stuck in ``process``). ``on_done(item)`` is called on the worker thread for each
+item once its batch is done, before its caller gets the result, also when its caller stopped
+waiting (a timeout).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ R = TypeVar("R")
 
 BatchObserver = Callable[[int, float], None]
 """Called by the worker after each batch with its size and its seconds of processing."""
+
+DoneHook = Callable[[Any], None]
+"""Called by the worker with each item whose batch is done (results delivered)."""
 
 
 class QueueFullError(RuntimeError):
@@ -73,6 +81,7 @@ class MicroBatcher(Generic[T, R]):
         queue_size: int = 64,
         observe: BatchObserver | None = None,
         name: str = "rstpm-batcher",
+        on_done: DoneHook | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
@@ -80,6 +89,8 @@ class MicroBatcher(Generic[T, R]):
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._observe = observe
+        self._on_done = on_done
+        self._progress = time.monotonic()  # last batch finished, or work arrived at an idle worker
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._lock = threading.Lock()
@@ -95,6 +106,11 @@ class MicroBatcher(Generic[T, R]):
     def in_flight(self) -> int:
         """Items accepted and not yet answered: queued or being computed."""
         return self._in_flight
+
+    def stalled(self, seconds: float) -> bool:
+        """Items are in flight and the worker has finished no batch for more than ``seconds``
+        (counted from the later of its last batch and the arrival of work at an idle worker)."""
+        return self._in_flight > 0 and time.monotonic() - self._progress > seconds
 
     def start(self) -> None:
         self._thread.start()
@@ -115,6 +131,8 @@ class MicroBatcher(Generic[T, R]):
                 self._queue.put_nowait(job)
             except queue.Full:
                 raise QueueFullError("the inference queue is full") from None
+            if self._in_flight == 0:
+                self._progress = time.monotonic()
             self._in_flight += 1
         return await job.future
 
@@ -163,9 +181,12 @@ class MicroBatcher(Generic[T, R]):
             results = [error] * len(batch)
         if self._observe is not None:
             self._observe(len(batch), time.perf_counter() - start)
+        self._progress = time.monotonic()
         for job, result in zip(batch, results, strict=True):
             with self._lock:
                 self._in_flight -= 1
+            if self._on_done is not None:  # before the caller hears: its answer sees it done
+                self._on_done(job.item)
             try:
                 job.loop.call_soon_threadsafe(_resolve, job.future, result)
             except RuntimeError:  # the caller's loop is closed: nobody waits for it

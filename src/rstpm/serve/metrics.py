@@ -6,10 +6,17 @@ the tests, never share counters).
 * ``rstpm_batch_size{run}``: images per inference batch (histogram);
 * ``rstpm_batch_seconds{run}``: seconds per inference batch (histogram);
 * ``rstpm_queue_length{run}``: requests waiting for the inference worker;
-* ``rstpm_images_in_flight{run}``: images accepted and not yet answered (queued or computing).
+* ``rstpm_images_in_flight{run}``: images accepted and not yet answered (queued or computing);
+* ``rstpm_pixels_in_flight`` / ``rstpm_pixel_budget``: decoded pixels held now, and the limit;
+* ``rstpm_refusals_total{reason}``: requests refused by admission control (``slots``,
+  ``pixel_budget``, ``over_budget``, ``shutting_down``, ``timeout``);
+* ``rstpm_request_timeouts_total{run}``: requests answered 504 after ``--request-timeout``;
+* ``rstpm_ready``: what ``/readyz`` says now (1 ready, 0 not).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -71,6 +78,38 @@ class ServeMetrics:
             ["run"],
             registry=self.registry,
         )
+
+        self.pixels_in_flight = Gauge(
+            "rstpm_pixels_in_flight",
+            "decoded image pixels held by requests, decoders and workers",
+            registry=self.registry,
+        )
+        self.pixel_budget = Gauge(
+            "rstpm_pixel_budget",
+            "most decoded image pixels in flight (--max-pixels-in-flight)",
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "rstpm_refusals",
+            "requests refused by admission control, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.timeouts = Counter(
+            "rstpm_request_timeouts",
+            "requests answered 504 after --request-timeout",
+            ["run"],
+            registry=self.registry,
+        )
+        self.ready = Gauge("rstpm_ready", "1 when /readyz says ready", registry=self.registry)
+
+    def watch_admission(
+        self, pixels: Callable[[], int], limit: int, ready: Callable[[], bool]
+    ) -> None:
+        """Pixels in flight and readiness, read at each scrape; the budget's limit."""
+        self.pixels_in_flight.set_function(pixels)
+        self.pixel_budget.set(limit)
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

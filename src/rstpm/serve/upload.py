@@ -14,6 +14,8 @@ ever sees a client's bytes (rstpm.data.images.IMAGE_FORMATS, as for files). Imag
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import AsyncGenerator
 
 from PIL import Image
@@ -21,7 +23,13 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from rstpm.data.images import DataError, ImageTooLarge, decode_image_bytes
+from rstpm.data.images import (
+    IMAGE_FORMATS,
+    DataError,
+    ImageTooLarge,
+    decode_image_bytes,
+    max_image_pixels,
+)
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff")
 """Content types accepted as a raw image body (``multipart/form-data`` takes a ``file`` part)."""
@@ -118,6 +126,32 @@ async def multipart_file(headers: Headers, body: bytes) -> tuple[bytes, str | No
         return await part.read(), part.filename
     finally:
         await form.close()
+
+
+def header_pixels(data: bytes) -> int:
+    """The image's width x height, read from its header without decoding the pixels.
+
+    Raises:
+        UploadError: what :func:`decode_image` answers for bytes whose header cannot be read
+            (400 empty, 413 over the pixel limit, 422 not an image of an accepted format).
+    """
+    if not data:
+        raise UploadError(400, "empty image (0 bytes): send the image's bytes")
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # as rstpm.data.images does before each read
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                width, height = img.size
+    except Exception:  # noqa: BLE001 - the decoder's own check gives the one-line answer
+        decode_image(data)
+        raise UploadError(
+            422, "cannot read the image's header; send a PNG, JPEG, BMP or TIFF"
+        ) from None
+    if width * height > limit:
+        decode_image(data)  # refuses it from the header with rstpm's message (413)
+    return width * height
 
 
 def decode_image(data: bytes) -> Image.Image:
