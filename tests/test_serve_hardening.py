@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,7 +30,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from rstpm.inference.detector import Detector
 from rstpm.serve import ServedRun, ServeSettings, create_app, load_runs, start_in_thread
 from rstpm.serve.admission import PixelBudget, default_pixel_budget
-from tests.benchmark_scripts import load_benchmark
 
 FIT = {"epochs": 1, "batch_size": 8, "image_size": 64, "disc_epochs": 1, "disc_batch_size": 8}
 PREDICT = "/v1/runs/tiny/predict"
