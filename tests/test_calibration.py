@@ -13,6 +13,9 @@ from rstpm.metrics.thresholds import (
     Threshold,
     Thresholds,
     f1_optimal_threshold,
+    gumbel_threshold,
+    image_threshold,
+    small_calibration_warning,
     threshold_at_rate,
 )
 from rstpm.metrics.verdicts import clopper_pearson, false_alarm_check
@@ -148,3 +151,42 @@ def test_false_alarm_check_counts_at_the_calibrated_threshold_of_each_target() -
     assert low < 1 / 3 < high and strict["target_in_interval"] is True
     with pytest.raises(ValueError):
         clopper_pearson(3, 2)
+
+
+def test_gumbel_threshold_finds_the_quantile_of_a_gumbel_law() -> None:
+    rng = np.random.default_rng(7)
+    scores = rng.gumbel(5.0, 0.8, 5_000)
+    true = 5.0 - 0.8 * math.log(-math.log(1 - 0.01))
+    assert gumbel_threshold(scores, 0.01) == pytest.approx(true, rel=0.02)
+    # below 1 / (n + 1) it extrapolates past the maximum, where the order statistic cannot go
+    few = scores[:21]
+    assert gumbel_threshold(few, 0.001) > few.max() == threshold_at_rate(few, 0.001)
+
+
+def test_gumbel_on_few_normals_keeps_the_rate_near_the_target_on_gumbel_data() -> None:
+    rng = np.random.default_rng(8)
+    realised = [
+        np.mean(rng.gumbel(0, 1, 20_000) >= gumbel_threshold(rng.gumbel(0, 1, 21), 0.01))
+        for _ in range(200)
+    ]
+    assert 0.005 < np.mean(realised) < 0.03  # the order statistic of 21 promises only 1/22
+
+
+def test_image_method_is_recorded_and_old_files_read_as_conformal() -> None:
+    stats = NormalStatistics.from_maps([np.full((4, 4), float(i)) for i in range(21)])
+    t = Thresholds.from_normals("st", stats, 0.01, image_method="gumbel")
+    assert t.image.method == "gumbel" and "Gumbel" in t.image.source
+    assert t.image.value > 20.0  # above the largest of the 21 scores
+    old = t.to_dict()
+    del old["image"]["method"], old["pixel"]["method"]
+    assert Thresholds.from_dict(old).image.method == "conformal"
+    with pytest.raises(CalibrationError, match="conformal"):
+        image_threshold(np.arange(5.0), 0.1, "pareto")
+
+
+def test_small_calibration_sets_are_named_with_what_to_do() -> None:
+    warning = small_calibration_warning(21, 0.01)
+    assert warning is not None
+    assert "21 held-out" in warning and "0.0455" in warning and "--image-method gumbel" in warning
+    assert small_calibration_warning(99, 0.01) is None
+    assert small_calibration_warning(21, 0.05) is None

@@ -170,6 +170,30 @@ def test_threshold_recalibrates_from_normals_and_from_a_labelled_set(
     assert "false-alarm-rate" in capsys.readouterr().err
 
 
+def test_small_calibration_is_said_at_fit_and_the_gumbel_method_is_kept(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    info = json.loads((run / "run.json").read_text())
+    assert f"only {info['n_calibration']} held-out normal images" in info["calibration_warning"]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    args = ["threshold", "--run", str(copy), "--image-method", "gumbel", "--quiet"]
+    assert main(args) == 2  # 2 calibration scores: no fit
+    assert "at least 3 normal scores" in capsys.readouterr().err
+    stored = json.loads((copy / "thresholds.json").read_text())
+    for variant in stored.values():  # as if five images had calibrated
+        variant["normals"]["image_scores"] = [1.0, 1.2, 1.1, 1.5, 1.3]
+    (copy / "thresholds.json").write_text(json.dumps(stored))
+    assert main(args) == 0
+    gumbel = load_thresholds(copy)["full"].image
+    assert gumbel.method == "gumbel" and gumbel.value > 1.5 and "Gumbel" in gumbel.source
+    assert main(["threshold", "--run", str(copy), "--false-alarm-rate", "0.2", "--quiet"]) == 0
+    kept = load_thresholds(copy)["full"].image
+    assert kept.method == "gumbel" and kept.value < gumbel.value  # method kept, rate changed
+
+
 def test_detector_fit_trains_and_loads(synthetic_category: Path, tmp_path: Path) -> None:
     detector = Detector.fit(
         synthetic_category,

@@ -30,6 +30,7 @@ from rstpm.config import (
 from rstpm.core.attention import PLACEMENTS
 from rstpm.core.fusion import VARIANTS, available_variants
 from rstpm.core.precision import REQUESTS
+from rstpm.metrics.thresholds import IMAGE_METHODS
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 """``--backend`` choices (rstpm.inference.backends: AUTO and BACKENDS, without importing torch
@@ -424,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="target on normal pixels (default: the run's current one)",
     )
     threshold.add_argument(
+        "--image-method",
+        choices=IMAGE_METHODS,
+        help="image threshold from the normal scores: conformal (their order statistic, a "
+        "promise on the expected rate, none below 1/(n+1)) or gumbel (a Gumbel law fitted to "
+        "them: an extrapolation for small sets) (default: the run's current one)",
+    )
+    threshold.add_argument(
         "--data",
         type=Path,
         help="labelled test set: F1-optimal thresholds instead (default: none, from the run's "
@@ -644,6 +652,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         print("; ".join(parts))
+    if info.get("calibration_warning") and not args.json:
+        print(f"warning: {info['calibration_warning']}", file=sys.stderr)
     return 0
 
 
@@ -811,6 +821,7 @@ def cmd_threshold(args: argparse.Namespace) -> None:
         args.data,
         args.masks,
         progress=not args.quiet,
+        image_method=args.image_method,
     )
     if args.json:
         print(json.dumps({k: v.to_dict() for k, v in result.items()}, indent=2))

@@ -13,6 +13,7 @@ from rstpm.data.layout import Sample, list_test_samples
 from rstpm.inference.backends import open_backend
 from rstpm.inference.maps import predict_maps
 from rstpm.metrics.thresholds import (
+    IMAGE_METHODS,
     CalibrationError,
     NormalStatistics,
     Threshold,
@@ -45,12 +46,14 @@ def recalibrate_run(
     labelled: Path | None = None,
     mask_root: Path | None = None,
     progress: bool = False,
+    image_method: str | None = None,
 ) -> dict[str, Thresholds]:
     """New thresholds for every variant of a run, written to RUN/thresholds.json.
 
     From normals (default): the given target rates (or the previous ones) on the stored
-    held-out normal statistics. From a ``labelled`` test set: the F1-optimal image and pixel
-    thresholds (metrics measured afterwards on that same set are then optimistic)."""
+    held-out normal statistics, the image threshold by ``image_method`` (IMAGE_METHODS; default
+    the previous one). From a ``labelled`` test set: the F1-optimal image and pixel thresholds
+    (metrics measured afterwards on that same set are then optimistic)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     current = load_thresholds(run_dir)
@@ -64,7 +67,10 @@ def recalibrate_run(
             or (old and old.pixel.false_alarm_rate)
             or config.pixel_false_alarm_rate
         )
-        result[variant] = Thresholds.from_normals(variant, stats, rate, pixel_rate)
+        method = image_method or (
+            old.image.method if old and old.image.method in IMAGE_METHODS else "conformal"
+        )
+        result[variant] = Thresholds.from_normals(variant, stats, rate, pixel_rate, method)
     if labelled is not None:
         _f1_thresholds(run_dir, result, Path(labelled), mask_root, progress)
     save_thresholds(run_dir, result)
@@ -96,7 +102,7 @@ def _f1_thresholds(
         value, f1 = f1_optimal_threshold(predicted.scores[variant], labels)
         median = float(np.median(t.normals.image_scores))
         t.image = Threshold(
-            value, logistic_scale(value, median), f"F1-optimal on {data} (F1 {f1:.3f})"
+            value, logistic_scale(value, median), f"F1-optimal on {data} (F1 {f1:.3f})", None, "f1"
         )
         if any(masks[i] is not None for i in with_masks):
             pix = np.concatenate([maps[variant][i].ravel() for i in with_masks])
@@ -114,4 +120,6 @@ def _f1_thresholds(
                 value,
                 logistic_scale(value, t.normals.pixel_median),
                 f"F1-optimal on the pixels of {data} (F1 {f1:.3f})",
+                None,
+                "f1",
             )

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
 DEFAULT_PIXEL_FALSE_ALARM_RATE = 0.001
@@ -62,6 +63,51 @@ def achievable_rate(n: int) -> float:
     return 1.0 / (n + 1)
 
 
+IMAGE_METHODS = ("conformal", "gumbel")
+"""How the image threshold is taken from the normal scores: ``conformal``, the order statistic
+(:func:`threshold_at_rate`, a promise on the expected rate, none below 1 / (n + 1)); ``gumbel``,
+the quantile of a Gumbel law fitted to them (:func:`gumbel_threshold`, an extrapolation)."""
+
+
+def gumbel_threshold(values: np.ndarray, rate: float) -> float:
+    """The (1 - rate) quantile of a Gumbel law fitted (maximum likelihood) to normal ``values``.
+
+    An image score is the maximum of a map over many pixels, and the law of maxima is close to
+    a Gumbel (the extreme-value law of light-tailed values): fitted to n normal scores it gives a
+    threshold below the rate 1 / (n + 1) that no order statistic can promise. It is a model,
+    not a promise: its realised rate is measured in docs/inspection.md.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    rate = check_rate(rate)
+    if values.size < 3:
+        raise CalibrationError(f"a Gumbel fit needs at least 3 normal scores, got {values.size}")
+    if np.ptp(values) == 0:
+        return float(values[0])
+    location, scale = stats.gumbel_r.fit(values)
+    return float(stats.gumbel_r.ppf(1.0 - rate, location, scale))
+
+
+def image_threshold(values: np.ndarray, rate: float, method: str = "conformal") -> float:
+    """The image threshold at target ``rate`` by ``method`` (one of IMAGE_METHODS)."""
+    if method == "conformal":
+        return threshold_at_rate(values, rate)
+    if method == "gumbel":
+        return gumbel_threshold(values, rate)
+    raise CalibrationError(f"unknown image threshold method {method!r}; use one of {IMAGE_METHODS}")
+
+
+def small_calibration_warning(n: int, rate: float) -> str | None:
+    """A one-line warning when n normal scores cannot promise ``rate`` (n < 1 / rate - 1)."""
+    if rate >= achievable_rate(n):
+        return None
+    return (
+        f"only {n} held-out normal images calibrate the image threshold: no threshold taken from "
+        f"them can promise a false-alarm rate below {achievable_rate(n):.3g} (target {rate:g}); "
+        f"it is their maximum. Add normal images (at least {math.ceil(1 / rate) - 1} held out), "
+        "or fit a tail: rstpm threshold --run RUN --image-method gumbel (docs/inspection.md)"
+    )
+
+
 def logistic_scale(threshold: float, median: float) -> float:
     """The scale that maps ``median`` to 0.1 and ``threshold`` to 0.5."""
     gap = threshold - median
@@ -78,6 +124,7 @@ class Threshold:
     scale: float  # normalised = 1 / (1 + exp(-(raw - value) / scale))
     source: str  # how it was chosen, in words
     false_alarm_rate: float | None = None  # target rate on normals (None: from labels)
+    method: str = "conformal"  # IMAGE_METHODS (image threshold on normals), else "f1"
 
     def normalise(self, raw: np.ndarray | float) -> np.ndarray | float:
         """Normalised score(s) in [0, 1], 0.5 at the threshold."""
@@ -130,23 +177,36 @@ class Thresholds:
         normals: NormalStatistics,
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
         pixel_false_alarm_rate: float = DEFAULT_PIXEL_FALSE_ALARM_RATE,
+        image_method: str = "conformal",
     ) -> Thresholds:
-        """Thresholds at target false-alarm rates on normal images (the default)."""
+        """Thresholds at target false-alarm rates on normal images (the default); the image
+        threshold by ``image_method`` (IMAGE_METHODS)."""
         n = len(normals.image_scores)
-        image_value = threshold_at_rate(np.asarray(normals.image_scores), false_alarm_rate)
+        scores = np.asarray(normals.image_scores)
+        image_value = image_threshold(scores, false_alarm_rate, image_method)
         pixel_value = normals.pixel_threshold(pixel_false_alarm_rate)
         median_score = float(np.median(normals.image_scores))
-        note = ""
-        if false_alarm_rate < achievable_rate(n):
-            least = achievable_rate(n)
-            note = f" (= their maximum: {n} images cannot promise less than {least:.3g})"
+        if image_method == "gumbel":
+            source = (
+                f"{1 - false_alarm_rate:.4g} quantile of a Gumbel law fitted to {n} held-out "
+                "normal image scores (an extrapolation)"
+            )
+        else:
+            note = ""
+            if false_alarm_rate < achievable_rate(n):
+                least = achievable_rate(n)
+                note = f" (= their maximum: {n} images cannot promise less than {least:.3g})"
+            source = (
+                f"{1 - false_alarm_rate:.4g} quantile of {n} held-out normal image scores{note}"
+            )
         return cls(
             variant=variant,
             image=Threshold(
                 image_value,
                 logistic_scale(image_value, median_score),
-                f"{1 - false_alarm_rate:.4g} quantile of {n} held-out normal image scores{note}",
+                source,
                 false_alarm_rate,
+                image_method,
             ),
             pixel=Threshold(
                 pixel_value,

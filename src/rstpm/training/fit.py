@@ -23,6 +23,7 @@ from rstpm.data.dataset import load_all_images
 from rstpm.data.images import DataError
 from rstpm.data.layout import Sample, list_train_samples, split_train_val
 from rstpm.hardware import keep_freed_memory, resolve_precision
+from rstpm.metrics.thresholds import small_calibration_warning
 from rstpm.runs.checkpoint import load_checkpoint, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json
 from rstpm.runs.run_dir import (
@@ -281,6 +282,9 @@ def train_run(
         "n_calibration": len(split.calibration),
         "val_images": [str(s.path) for s in split.selection],
         "calibration_images": [str(s.path) for s in split.calibration],
+        "calibration_warning": small_calibration_warning(
+            len(split.calibration), config.false_alarm_rate
+        ),
         **info,
         "resumed_from": None if stage is None else {"stage": stage, "epoch": meta_epoch},
         "total_seconds": round(time.perf_counter() - started, 3),
