@@ -519,6 +519,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="after SIGTERM or Ctrl-C: /readyz says 503 and requests are served this long",
     )
+    serve.add_argument(
+        "--drift-window",
+        type=int,
+        default=1000,
+        help="recent image scores per run whose alarm rate is checked against the target "
+        "(rstpm_drift in /metrics); 0: off",
+    )
+    serve.add_argument(
+        "--drift-min-images",
+        type=int,
+        default=100,
+        help="images the drift window holds before it can flag drift",
+    )
 
     demo = sub.add_parser("demo", help="offline demo on a generated dataset (a few minutes)")
     demo.add_argument(
@@ -936,6 +949,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stall_seconds=args.stall_seconds,
         max_connections=args.max_connections,
         drain_seconds=args.drain_seconds,
+        drift_window=args.drift_window,
+        drift_min_images=args.drift_min_images,
     )
     return run_server(args.run, args.host, args.port, settings, args.backend)
 

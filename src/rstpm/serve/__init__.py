@@ -3,8 +3,9 @@
 Needs the ``serve`` extra (``pip install -e '.[serve]'``). The pieces, lowest first:
 ``upload`` (what a client sends, checked and decoded), ``batching`` (micro-batches on a worker
 thread behind a bounded queue), ``admission`` (request slots and the budget of decoded pixels,
-before decoding), ``runs`` (loading and naming runs), ``auth``, ``metrics``,
-``middleware``, ``render`` and ``page``, then ``app`` (the routes) and ``server`` (uvicorn).
+before decoding), ``runs`` (loading and naming runs), ``drift`` (recent scores against the
+calibration), ``auth``, ``metrics``, ``middleware``, ``render`` and ``page``, then ``app`` (the
+routes) and ``server`` (uvicorn).
 The endpoints, flags and errors are documented in ``docs/serve.md``.
 """
 

@@ -12,6 +12,10 @@ the image's own size are kept only when ``?map=`` or ``?overlay=`` asks for them
 has a deadline (``request_timeout``: 504). ``/readyz`` is false before warm-up, while draining
 (:func:`start_draining`), at shutdown, and while a run's worker has work and has finished no
 batch for ``stall_seconds`` (a stuck backend).
+
+Each answered image's score and verdict go into its run's drift window
+(:mod:`rstpm.serve.drift`, calibrated runs, ``drift_window`` > 0): ``/metrics`` and ``/v1/runs``
+show it, and a change of a run's drift state is one log line (logger ``rstpm.serve``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from rstpm.serve.admission import (
     default_pixel_budget,
 )
 from rstpm.serve.batching import MicroBatcher, QueueFullError, ShuttingDownError
+from rstpm.serve.drift import DEFAULT_MIN_IMAGES, DEFAULT_WINDOW, DriftMonitor
 from rstpm.serve.metrics import CONTENT_TYPE, ServeMetrics
 from rstpm.serve.middleware import GuardAndCount
 from rstpm.serve.page import render_page
@@ -66,9 +71,10 @@ MapParam = Annotated[Literal["png"] | None, Query(alias="map", description="png:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Batching, back-pressure, memory budget, deadlines, draining, body limit and access of one
-    server. ``max_pixels_in_flight`` None: :func:`default_pixel_budget` (from the machine's
-    memory); ``stall_seconds`` None: ``request_timeout``."""
+    """Batching, back-pressure, memory budget, deadlines, draining, body limit, access and drift
+    monitor of one server. ``max_pixels_in_flight`` None: :func:`default_pixel_budget` (from the
+    machine's memory); ``stall_seconds`` None: ``request_timeout``; ``drift_window`` 0: no drift
+    monitor (:mod:`rstpm.serve.drift`)."""
 
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
@@ -80,6 +86,8 @@ class ServeSettings:
     stall_seconds: float | None = None
     max_connections: int = 128
     drain_seconds: float = 5.0
+    drift_window: int = DEFAULT_WINDOW
+    drift_min_images: int = DEFAULT_MIN_IMAGES
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1:
@@ -93,6 +101,10 @@ class ServeSettings:
             raise ValueError("--request-timeout and --stall-seconds must be > 0 (seconds)")
         if self.max_connections < 1 or self.drain_seconds < 0:
             raise ValueError("--max-connections must be at least 1 and --drain-seconds >= 0")
+        if self.drift_window < 0:
+            raise ValueError("--drift-window must be >= 0 (images; 0: no drift monitor)")
+        if self.drift_window and not 1 <= self.drift_min_images <= self.drift_window:
+            raise ValueError("--drift-min-images must lie between 1 and --drift-window")
 
     @property
     def max_body_bytes(self) -> int:
@@ -127,6 +139,7 @@ class _State:
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)
     slots: dict[str, Slots] = field(default_factory=dict)
     budget: PixelBudget = field(default_factory=lambda: PixelBudget(1))
+    drift: dict[str, DriftMonitor] = field(default_factory=dict)
     ready: bool = False
     stopping: bool = False
     draining: bool = False
@@ -318,12 +331,28 @@ async def _predict_one(
         except (QueueFullError, ShuttingDownError):
             lease.release()  # never queued: the worker will not let go of it
             raise
+        _watch_drift(state, name, prediction)
         answer = _answer(state.runs[name], prediction, image, filename)
         if heatmap or overlay:
             answer |= await _holding(lease, _pictures, prediction, image, heatmap, overlay)
         return JSONResponse(answer)
     finally:
         lease.release()
+
+
+def _watch_drift(state: _State, name: str, prediction: Prediction) -> None:
+    """The prediction's score and verdict into the run's drift window; one log line when the
+    run's drift state changes. Never fails the request."""
+    monitor = state.drift.get(name)
+    if monitor is None:
+        return
+    try:
+        change = monitor.observe(prediction.score, prediction.is_anomalous)
+    except Exception:  # noqa: BLE001 - the answer matters more than the monitor
+        log.exception("the drift monitor of run %s failed; the request is answered", name)
+        return
+    if change is not None:
+        log.log(logging.INFO if change.state == "ok" else logging.WARNING, change.describe(name))
 
 
 def _answer(
@@ -350,6 +379,13 @@ def _pictures(prediction: Prediction, image: Image.Image, heatmap: bool, overlay
     return out
 
 
+def _run_info(state: _State, name: str, served: ServedRun) -> dict[str, Any]:
+    """What ``GET /v1/runs`` says of a run: :meth:`ServedRun.info` and its drift window (None:
+    no monitor, the run has no thresholds or ``--drift-window 0``)."""
+    monitor = state.drift.get(name)
+    return served.info() | {"drift": None if monitor is None else monitor.status().as_dict()}
+
+
 def _add_routes(app: FastAPI, state: _State) -> None:
     page = render_page(list(state.runs))
 
@@ -374,8 +410,8 @@ def _add_routes(app: FastAPI, state: _State) -> None:
 
     @app.get("/v1/runs")
     async def list_runs() -> dict[str, list[dict[str, Any]]]:
-        """The runs served: name, variant, thresholds, image size, manifest hashes."""
-        return {"runs": [served.info() for served in state.runs.values()]}
+        """The runs served: name, variant, thresholds, image size, manifest hashes, drift."""
+        return {"runs": [_run_info(state, name, run) for name, run in state.runs.items()]}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -417,6 +453,18 @@ def _add_routes(app: FastAPI, state: _State) -> None:
             slots.give_back()
 
 
+def _watch_runs(state: _State) -> None:
+    """A drift monitor per calibrated run (none with ``drift_window`` 0), in ``/metrics``."""
+    settings = state.settings
+    for name, served in state.runs.items():
+        monitor = DriftMonitor.for_thresholds(
+            served.detector.thresholds, settings.drift_window, settings.drift_min_images
+        )
+        if monitor is not None:
+            state.drift[name] = monitor
+            state.metrics.watch_drift(name, monitor)
+
+
 def start_draining(app: FastAPI) -> None:
     """``/readyz`` answers 503 from now on (a load balancer stops sending); requests are still
     served until the server stops."""
@@ -429,6 +477,7 @@ def create_app(runs: dict[str, ServedRun], settings: ServeSettings | None = None
         raise ValueError("serve needs at least one run")
     settings = settings or ServeSettings()
     state = _State(runs, settings, ServeMetrics(), budget=PixelBudget(settings.pixel_budget))
+    _watch_runs(state)
     state.metrics.watch_admission(
         lambda: state.budget.used,
         state.budget.limit,

@@ -11,7 +11,12 @@ the tests, never share counters).
 * ``rstpm_refusals_total{reason}``: requests refused by admission control (``slots``,
   ``pixel_budget``, ``over_budget``, ``shutting_down``, ``timeout``);
 * ``rstpm_request_timeouts_total{run}``: requests answered 504 after ``--request-timeout``;
-* ``rstpm_ready``: what ``/readyz`` says now (1 ready, 0 not).
+* ``rstpm_ready``: what ``/readyz`` says now (1 ready, 0 not);
+* drift (:mod:`rstpm.serve.drift`, calibrated runs only): ``rstpm_drift{run}`` (-1 fewer alarms
+  than the target's interval, 0 ok, +1 more), ``rstpm_drift_window_images{run}``,
+  ``rstpm_drift_window_alarm_rate{run}``, ``rstpm_drift_target_rate{run}`` and
+  ``rstpm_score_quantile{run, source, q}`` (``source`` ``window`` or ``calibration``, ``q`` 0.5,
+  0.9, 0.99: six series per run), all read from the run's monitor at each scrape.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from prometheus_client import (
 )
 
 from rstpm.serve.batching import BatchObserver, MicroBatcher
+from rstpm.serve.drift import QUANTILES, DriftMonitor
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -102,6 +108,26 @@ class ServeMetrics:
             registry=self.registry,
         )
         self.ready = Gauge("rstpm_ready", "1 when /readyz says ready", registry=self.registry)
+        self._add_drift_gauges()
+
+    def _add_drift_gauges(self) -> None:
+        def gauge(name: str, text: str, labels: tuple[str, ...] = ("run",)) -> Gauge:
+            return Gauge(name, text, list(labels), registry=self.registry)
+
+        self.drift = gauge(
+            "rstpm_drift", "-1 fewer alarms than the target's interval, 0 ok, +1 more"
+        )
+        self.drift_images = gauge("rstpm_drift_window_images", "image scores in the drift window")
+        self.drift_alarm_rate = gauge(
+            "rstpm_drift_window_alarm_rate",
+            "share of the window's images at or above the image threshold (NaN: empty window)",
+        )
+        self.drift_target = gauge("rstpm_drift_target_rate", "target false-alarm rate of the run")
+        self.score_quantile = gauge(
+            "rstpm_score_quantile",
+            "image score quantiles of the drift window and of the calibration's normal images",
+            ("run", "source", "q"),
+        )
 
     def watch_admission(
         self, pixels: Callable[[], int], limit: int, ready: Callable[[], bool]
@@ -130,6 +156,22 @@ class ServeMetrics:
         self.queue_length.labels(run).set_function(lambda: batcher.queued)
         self.in_flight.labels(run).set_function(lambda: batcher.in_flight)
 
+    def watch_drift(self, run: str, monitor: DriftMonitor) -> None:
+        """A run's drift state, window and quantiles, read from its monitor at each scrape."""
+        self.drift.labels(run).set_function(lambda: monitor.status().value)
+        self.drift_images.labels(run).set_function(lambda: monitor.status().images)
+        self.drift_alarm_rate.labels(run).set_function(lambda: _or_nan(monitor.status().alarm_rate))
+        self.drift_target.labels(run).set(monitor.rate)
+        for q in QUANTILES:
+            window = self.score_quantile.labels(run, "window", f"{q:g}")
+            window.set_function(lambda q=q: _or_nan(monitor.window_quantiles().get(q)))
+            calibration = monitor.calibration_quantiles.get(q)
+            self.score_quantile.labels(run, "calibration", f"{q:g}").set(_or_nan(calibration))
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)

@@ -8,6 +8,9 @@ stops sending); then uvicorn stops accepting connections and waits for the reque
 before the workers stop; the exit status is 0. A second signal skips the rest of the drain
 period; a third Ctrl-C stops without waiting. :meth:`ThreadedServer.stop` skips the drain.
 
+The app's own lines (logger ``rstpm.serve``: drift changes, internal errors) are printed by
+uvicorn's handlers, as its own lines are.
+
 At most ``--max-connections`` connections and requests at once (uvicorn's
 ``limit_concurrency``): beyond, uvicorn itself answers 503.
 """
@@ -118,9 +121,22 @@ def run_server(
         limit_concurrency=settings.max_connections,
         backlog=BACKLOG,
     )
+    _print_app_log()
     server = DrainingServer(config, settings.drain_seconds, lambda: start_draining(app))
     server.run(sockets=[sock])
     return 0 if server.started else 1
+
+
+def _print_app_log() -> None:
+    """Lines of the ``rstpm.serve`` logger (INFO and up) go to uvicorn's handlers, configured
+    by ``uvicorn.Config``: beside uvicorn's own lines, in its format."""
+    app_log = logging.getLogger("rstpm.serve")
+    if app_log.handlers:
+        return
+    for handler in logging.getLogger("uvicorn").handlers:
+        app_log.addHandler(handler)
+    app_log.setLevel(logging.INFO)
+    app_log.propagate = not app_log.handlers
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
