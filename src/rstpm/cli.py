@@ -438,8 +438,35 @@ def build_parser() -> argparse.ArgumentParser:
         "held-out normals)",
     )
     threshold.add_argument("--masks", type=Path, help=MASKS_HELP)
+    threshold.add_argument(
+        "--from-feedback",
+        action="store_true",
+        help="add the images operators confirmed good (rstpm feedback) to the calibration "
+        "scores, and say what the confirmed defects would score",
+    )
     threshold.add_argument("--quiet", action="store_true")
     threshold.add_argument("--json", action="store_true", help="print thresholds.json")
+
+    feedback = sub.add_parser(
+        "feedback", help="record operators' verdicts on images in the run's append-only log"
+    )
+    feedback.add_argument("--run", type=Path, required=True)
+    verdict = feedback.add_mutually_exclusive_group(required=True)
+    verdict.add_argument(
+        "--good",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="images confirmed good (default: none; give --good or --defect)",
+    )
+    verdict.add_argument(
+        "--defect",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="images confirmed defective (default: none; give --good or --defect)",
+    )
+    feedback.add_argument("--json", action="store_true", help="print the log entries as JSON")
 
     export = sub.add_parser("export", help="one ONNX graph of a variant, checked against torch")
     export.add_argument("--run", type=Path, required=True)
@@ -835,6 +862,7 @@ def cmd_threshold(args: argparse.Namespace) -> None:
         args.masks,
         progress=not args.quiet,
         image_method=args.image_method,
+        from_feedback=args.from_feedback,
     )
     if args.json:
         print(json.dumps({k: v.to_dict() for k, v in result.items()}, indent=2))
@@ -844,6 +872,49 @@ def cmd_threshold(args: argparse.Namespace) -> None:
             f"{variant}: image threshold {t.image.value:.6g} ({t.image.source}); "
             f"pixel threshold {t.pixel.value:.6g} ({t.pixel.source})"
         )
+    if args.from_feedback:
+        _print_confirmed_defects(args.run, result)
+
+
+def _print_confirmed_defects(run: Path, thresholds: dict) -> None:
+    from rstpm.evaluation.recalibrate import confirmed_defects
+    from rstpm.runs.feedback_log import read_feedback
+
+    for row in confirmed_defects(thresholds, read_feedback(run)):
+        said = ", ".join(
+            f"{v} {r['score']:.4g} ({'caught' if r['caught'] else 'missed'})"
+            for v, r in row.items()
+            if isinstance(r, dict)
+        )
+        print(f"confirmed defect {row['image']}: {said}")
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from rstpm.inference.feedback import FeedbackScorer, corrected, entries_for_files
+    from rstpm.runs.feedback_log import append_feedback, read_feedback
+    from rstpm.runs.run_dir import read_config
+
+    read_feedback(args.run)  # a damaged log stops before any image is scored
+    verdict, paths = ("good", args.good) if args.good else ("defect", args.defect)
+    scorer = FeedbackScorer(args.run)
+    written = append_feedback(args.run, entries_for_files(scorer, paths, verdict))
+    if args.json:
+        print(json.dumps(written, indent=2))
+        return 0
+    default = read_config(args.run).default_variant
+    for entry in written:
+        change = corrected(entry, default)
+        said = entry["predicted"].get(default)
+        note = "" if change is None else (" (corrects the verdict)" if change else " (agrees)")
+        print(
+            f"{entry['image']}: confirmed {verdict}; {default} said {said}, score "
+            f"{entry['scores'].get(default, float('nan')):.4g}{note}"
+        )
+    print(
+        f"{len(written)} entries appended to {args.run}/feedback.jsonl; recalibrate with "
+        f"`rstpm threshold --run {args.run} --from-feedback`"
+    )
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -987,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict": cmd_predict,
         "check": cmd_check,
         "threshold": cmd_threshold,
+        "feedback": cmd_feedback,
         "export": cmd_export,
         "bench": cmd_bench,
         "serve": cmd_serve,

@@ -4,6 +4,7 @@ rates, or F1-optimal ones from a labelled set."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from rstpm.metrics.thresholds import (
     f1_optimal_threshold,
     logistic_scale,
 )
+from rstpm.runs.feedback_log import read_feedback
 from rstpm.runs.run_dir import RUN_FILE, load_run, read_config
 from rstpm.runs.thresholds_file import load_thresholds, save_thresholds
 from rstpm.training.calibrate import calibrate_thresholds
@@ -47,17 +49,22 @@ def recalibrate_run(
     mask_root: Path | None = None,
     progress: bool = False,
     image_method: str | None = None,
+    from_feedback: bool = False,
 ) -> dict[str, Thresholds]:
     """New thresholds for every variant of a run, written to RUN/thresholds.json.
 
     From normals (default): the given target rates (or the previous ones) on the stored
     held-out normal statistics, the image threshold by ``image_method`` (IMAGE_METHODS; default
     the previous one). From a ``labelled`` test set: the F1-optimal image and pixel thresholds
-    (metrics measured afterwards on that same set are then optimistic)."""
+    (metrics measured afterwards on that same set are then optimistic). ``from_feedback``: the
+    image scores of every image operators confirmed good (RUN/feedback.jsonl, verified) join
+    the calibration scores; later recalibrations keep them."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     current = load_thresholds(run_dir)
     normals = {k: v.normals for k, v in current.items()} if current else _normals_of_run(run_dir)
+    if from_feedback:
+        add_confirmed_good(normals, read_feedback(run_dir))
     result: dict[str, Thresholds] = {}
     for variant, stats in normals.items():
         old = current.get(variant)
@@ -75,6 +82,39 @@ def recalibrate_run(
         _f1_thresholds(run_dir, result, Path(labelled), mask_root, progress)
     save_thresholds(run_dir, result)
     return result
+
+
+def add_confirmed_good(normals: dict[str, NormalStatistics], entries: list[dict[str, Any]]) -> None:
+    """Set every variant's ``confirmed_good`` to the scores of the log's ``good`` entries (all of
+    them, once each: recalibrating twice counts nothing twice)."""
+    for variant, stats in normals.items():
+        stats.confirmed_good = [
+            float(e["scores"][variant])
+            for e in entries
+            if e["verdict"] == "good" and variant in e["scores"]
+        ]
+
+
+def confirmed_defects(
+    thresholds: dict[str, Thresholds], entries: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What each image operators confirmed defective scores under ``thresholds``: per variant
+    its score, the threshold and whether it would now be caught."""
+    report = []
+    for entry in entries:
+        if entry["verdict"] != "defect":
+            continue
+        row: dict[str, Any] = {"image": entry["image"], "sha256": entry["sha256"]}
+        for variant, t in thresholds.items():
+            score = entry["scores"].get(variant)
+            if score is not None:
+                row[variant] = {
+                    "score": score,
+                    "threshold": t.image.value,
+                    "caught": score >= t.image.value,
+                }
+        report.append(row)
+    return report
 
 
 def _f1_thresholds(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,13 @@ class NormalStatistics:
     image_scores: list[float]
     pixel_median: float
     pixel_tail: list[float]  # normal pixel values at the upper-tail TAIL_PROBABILITIES
+    confirmed_good: list[float] = field(default_factory=list)  # operators' (rstpm feedback)
+
+    @property
+    def calibration_scores(self) -> list[float]:
+        """The image scores the image threshold is taken from: the held-out normals and the
+        images operators confirmed good (``rstpm threshold --from-feedback``)."""
+        return [*self.image_scores, *self.confirmed_good]
 
     @classmethod
     def from_maps(cls, maps: Sequence[np.ndarray]) -> NormalStatistics:
@@ -181,24 +188,25 @@ class Thresholds:
     ) -> Thresholds:
         """Thresholds at target false-alarm rates on normal images (the default); the image
         threshold by ``image_method`` (IMAGE_METHODS)."""
-        n = len(normals.image_scores)
-        scores = np.asarray(normals.image_scores)
+        scores = np.asarray(normals.calibration_scores)
+        n, n_held_out = scores.size, len(normals.image_scores)
         image_value = image_threshold(scores, false_alarm_rate, image_method)
         pixel_value = normals.pixel_threshold(pixel_false_alarm_rate)
-        median_score = float(np.median(normals.image_scores))
+        median_score = float(np.median(scores))
+        what = f"{n_held_out} held-out normal"
+        if normals.confirmed_good:
+            what += f" + {len(normals.confirmed_good)} confirmed-good"
         if image_method == "gumbel":
             source = (
-                f"{1 - false_alarm_rate:.4g} quantile of a Gumbel law fitted to {n} held-out "
-                "normal image scores (an extrapolation)"
+                f"{1 - false_alarm_rate:.4g} quantile of a Gumbel law fitted to {what} image "
+                "scores (an extrapolation)"
             )
         else:
             note = ""
             if false_alarm_rate < achievable_rate(n):
                 least = achievable_rate(n)
                 note = f" (= their maximum: {n} images cannot promise less than {least:.3g})"
-            source = (
-                f"{1 - false_alarm_rate:.4g} quantile of {n} held-out normal image scores{note}"
-            )
+            source = f"{1 - false_alarm_rate:.4g} quantile of {what} image scores{note}"
         return cls(
             variant=variant,
             image=Threshold(
@@ -211,7 +219,7 @@ class Thresholds:
             pixel=Threshold(
                 pixel_value,
                 logistic_scale(pixel_value, normals.pixel_median),
-                f"{1 - pixel_false_alarm_rate:.6g} quantile of the pixels of {n} held-out "
+                f"{1 - pixel_false_alarm_rate:.6g} quantile of the pixels of {n_held_out} held-out "
                 "normal images",
                 pixel_false_alarm_rate,
             ),
