@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -37,6 +37,9 @@ from starlette.requests import ClientDisconnect
 
 from rstpm._version import __version__
 from rstpm.inference.detector import Detector, Prediction, PredictionError
+from rstpm.inference.feedback import corrected
+from rstpm.runs.feedback_log import append_feedback, image_digest, make_entry
+from rstpm.runs.files import RunError
 from rstpm.serve.admission import (
     ImageOverBudgetError,
     Lease,
@@ -66,6 +69,9 @@ log = logging.getLogger("rstpm.serve")
 
 RETRY_AFTER_SECONDS = 1
 OverlayParam = Annotated[Literal["png"] | None, Query(description="png: add overlay_png")]
+VerdictParam = Annotated[
+    Literal["good", "defect"], Query(description="the operator's verdict on the image")
+]
 MapParam = Annotated[Literal["png"] | None, Query(alias="map", description="png: add map_png")]
 
 
@@ -317,10 +323,17 @@ def _reserve(state: _State, pixels: int) -> Lease:
 
 
 async def _predict_one(
-    state: _State, name: str, request: Request, heatmap: bool, overlay: bool
+    state: _State,
+    name: str,
+    request: Request,
+    heatmap: bool,
+    overlay: bool,
+    feedback: str | None = None,
 ) -> JSONResponse:
-    """Admission by size, decoding, inference and pictures of one request (its slot held)."""
+    """Admission by size, decoding, inference and pictures of one request (its slot held);
+    with ``feedback`` (an operator's verdict) the image is logged instead of answered."""
     body, filename = await _body_of(request, state.settings.max_body_bytes)
+    digest = image_digest(body) if feedback is not None else ""
     lease = _reserve(state, header_pixels(body))
     try:
         image = await _holding(lease, decode_image, body)
@@ -331,13 +344,49 @@ async def _predict_one(
         except (QueueFullError, ShuttingDownError):
             lease.release()  # never queued: the worker will not let go of it
             raise
+        if feedback is not None:
+            entry = await _log_feedback(state, name, feedback, filename, digest, prediction)
+            return JSONResponse(entry)
         _watch_drift(state, name, prediction)
+        if prediction.is_anomalous is not None:
+            state.metrics.note_verdict(name)
         answer = _answer(state.runs[name], prediction, image, filename)
         if heatmap or overlay:
             answer |= await _holding(lease, _pictures, prediction, image, heatmap, overlay)
         return JSONResponse(answer)
     finally:
         lease.release()
+
+
+async def _log_feedback(
+    state: _State,
+    name: str,
+    verdict: str,
+    filename: str | None,
+    digest: str,
+    prediction: Prediction,
+) -> dict[str, Any]:
+    """Append an operator's verdict on an image to the run's feedback log (RUN/feedback.jsonl),
+    with the served variant's score and verdict; counted in the metrics."""
+    detector = state.runs[name].detector
+    said = None
+    if prediction.is_anomalous is not None:
+        said = "anomalous" if prediction.is_anomalous else "normal"
+    entry = make_entry(
+        verdict,
+        filename or "upload",
+        digest,
+        {detector.variant: prediction.score},
+        {detector.variant: said},
+        "serve",
+    )
+    try:
+        written = await asyncio.to_thread(append_feedback, detector.run_dir, [entry])
+    except RunError as error:
+        raise UploadError(500, f"feedback not recorded: {error}") from error
+    change = corrected(entry, detector.variant)
+    state.metrics.note_feedback(name, verdict, bool(change))
+    return {"run": name, "corrected": change, **written[0]}
 
 
 def _watch_drift(state: _State, name: str, prediction: Prediction) -> None:
@@ -424,33 +473,51 @@ def _add_routes(app: FastAPI, state: _State) -> None:
         """One image (raw body, or multipart part ``file``) -> the record of ``rstpm predict``
         with the run's variant and thresholds; ``?map=png`` / ``?overlay=png`` add the
         pictures as base64 PNG."""
-        state.batcher(name)  # 404 unknown, 503 not started
-        slots, timeout = state.slots[name], state.settings.request_timeout
-        try:
-            slots.take()
-        except QueueFullError:
-            state.metrics.refusals.labels("slots").inc()
-            raise
-        try:
-            async with asyncio.timeout(timeout):
-                return await _predict_one(
-                    state, name, request, heatmap is not None, overlay is not None
-                )
-        except ClientDisconnect:
-            return _error(400, "the client disconnected before the body was complete")
-        except ShuttingDownError:
-            state.metrics.refusals.labels("shutting_down").inc()
-            raise
-        except TimeoutError:
-            state.metrics.refusals.labels("timeout").inc()
-            state.metrics.timeouts.labels(name).inc()
-            return _error(
-                504,
-                f"no answer within {timeout:g} s (--request-timeout): the server is overloaded "
-                "or its inference is stuck; retry later",
-            )
-        finally:
-            slots.give_back()
+        return await _within_slot(
+            state,
+            name,
+            lambda: _predict_one(state, name, request, heatmap is not None, overlay is not None),
+        )
+
+    @app.post("/v1/runs/{name}/feedback")
+    async def feedback(name: str, request: Request, verdict: VerdictParam) -> JSONResponse:
+        """An operator's verdict on one image (sent as to predict): scored by the run and
+        appended to its feedback log (as ``rstpm feedback``); answers the log entry and whether
+        it corrects the run's verdict."""
+        return await _within_slot(
+            state, name, lambda: _predict_one(state, name, request, False, False, verdict)
+        )
+
+
+async def _within_slot(
+    state: _State, name: str, work: Callable[[], Awaitable[JSONResponse]]
+) -> JSONResponse:
+    """``work()`` holding one of the run's slots, within ``--request-timeout`` (504 after)."""
+    state.batcher(name)  # 404 unknown, 503 not started
+    slots, timeout = state.slots[name], state.settings.request_timeout
+    try:
+        slots.take()
+    except QueueFullError:
+        state.metrics.refusals.labels("slots").inc()
+        raise
+    try:
+        async with asyncio.timeout(timeout):
+            return await work()
+    except ClientDisconnect:
+        return _error(400, "the client disconnected before the body was complete")
+    except ShuttingDownError:
+        state.metrics.refusals.labels("shutting_down").inc()
+        raise
+    except TimeoutError:
+        state.metrics.refusals.labels("timeout").inc()
+        state.metrics.timeouts.labels(name).inc()
+        return _error(
+            504,
+            f"no answer within {timeout:g} s (--request-timeout): the server is overloaded "
+            "or its inference is stuck; retry later",
+        )
+    finally:
+        slots.give_back()
 
 
 def _watch_runs(state: _State) -> None:

@@ -12,6 +12,9 @@ the tests, never share counters).
   ``pixel_budget``, ``over_budget``, ``shutting_down``, ``timeout``);
 * ``rstpm_request_timeouts_total{run}``: requests answered 504 after ``--request-timeout``;
 * ``rstpm_ready``: what ``/readyz`` says now (1 ready, 0 not);
+* ``rstpm_verdicts_total{run}``: verdicts answered by predict; ``rstpm_feedback_total{run,
+  verdict, corrected}``: operators' verdicts (``POST /v1/runs/{name}/feedback``) and whether
+  each contradicted the run's; ``rstpm_corrected_verdict_share{run}``: corrected / answered;
 * drift (:mod:`rstpm.serve.drift`, calibrated runs only): ``rstpm_drift{run}`` (-1 fewer alarms
   than the target's interval, 0 ok, +1 more), ``rstpm_drift_window_images{run}``,
   ``rstpm_drift_window_alarm_rate{run}``, ``rstpm_drift_target_rate{run}`` and
@@ -108,6 +111,24 @@ class ServeMetrics:
             registry=self.registry,
         )
         self.ready = Gauge("rstpm_ready", "1 when /readyz says ready", registry=self.registry)
+        self.verdicts = Counter(
+            "rstpm_verdicts",
+            "verdicts answered by predict (calibrated runs)",
+            ["run"],
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "rstpm_feedback",
+            "operators' verdicts received, and whether each corrected the run's verdict",
+            ["run", "verdict", "corrected"],
+            registry=self.registry,
+        )
+        self.corrected_share = Gauge(
+            "rstpm_corrected_verdict_share",
+            "corrected verdicts (feedback that contradicts the run) per verdict answered",
+            ["run"],
+            registry=self.registry,
+        )
         self._add_drift_gauges()
 
     def _add_drift_gauges(self) -> None:
@@ -167,6 +188,24 @@ class ServeMetrics:
             window.set_function(lambda q=q: _or_nan(monitor.window_quantiles().get(q)))
             calibration = monitor.calibration_quantiles.get(q)
             self.score_quantile.labels(run, "calibration", f"{q:g}").set(_or_nan(calibration))
+
+    def note_feedback(self, run: str, verdict: str, corrected: bool) -> None:
+        """One operator's verdict on run ``run`` (corrected: it contradicts the run's)."""
+        self.feedback.labels(run, verdict, str(corrected).lower()).inc()
+        self._update_share(run)
+
+    def note_verdict(self, run: str) -> None:
+        """One verdict answered by predict."""
+        self.verdicts.labels(run).inc()
+        self._update_share(run)
+
+    def _update_share(self, run: str) -> None:
+        answered = self.verdicts.labels(run)._value.get()
+        corrected = sum(
+            self.feedback.labels(run, verdict, "true")._value.get()
+            for verdict in ("good", "defect")
+        )
+        self.corrected_share.labels(run).set(corrected / answered if answered else 0.0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
