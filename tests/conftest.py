@@ -19,6 +19,10 @@ os.environ.setdefault("RSTPM_CPU_FLAGS", "none")
 # compares against the exact path without exporting each run. tests/test_openvino.py tests auto.
 os.environ.setdefault("RSTPM_BACKEND", "torch")
 
+# Ray starts its workers at nice 15 by default: beside a fit (or any CPU-heavy process) the Ray
+# tests' workers got a sliver of the 2 cores and crawled. Test clusters inherit this.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 FULL_TIER_MODULES = ("test_cluster_ddp", "test_cluster_fanout", "test_cluster_predict")
 """Modules that start Ray (a local cluster costs seconds and ~0.4 GB each): the full tier only."""
 

@@ -27,6 +27,11 @@ class ClusterError(RuntimeError):
     """A cluster job cannot start or go on (Ray missing, no cluster at the address, ...)."""
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+"""Ray's niceness of its worker processes (its default 15); a local instance rstpm starts runs
+them at 0 unless the variable is set, so that tasks keep their share of a busy machine."""
+
+
 def import_ray() -> Any:
     """The ``ray`` module, or a ClusterError saying how to install it."""
     try:
@@ -55,6 +60,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     }
     if address in (None, "local"):
         kwargs["num_cpus"] = num_cpus
+        # Ray starts its workers at nice 15: beside other work they got a sliver of the CPU
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as error:
