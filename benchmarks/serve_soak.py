@@ -10,8 +10,8 @@ pieces of it): decompression-bomb-like uploads, then a soak of good and bad requ
    connection), the server's peak resident memory, then one normal image.
 4. Soak: ``--requests`` requests at concurrency ``--concurrency``, every fourth one bad (wrong
    content type, garbage bytes, a body over ``--max-body-mb``, an unknown run); the resident
-   memory sampled every ``--sample-every`` answers; the growth after the first quarter (the
-   warm-up) must stay under ``--max-growth-mib``.
+   memory sampled every ``--sample-every`` answers; the growth over the second half (after
+   the allocator's caches filled) must stay under ``--max-growth-mib``.
 
 Every loop is bounded in count and by ``--time-limit``; the server is stopped (SIGTERM, then
 SIGKILL) whatever happens. Exit code 1 when an answer is not among the expected ones or the
@@ -216,10 +216,12 @@ class SoakResult:
 
     @property
     def growth_mib(self) -> float:
-        """Resident memory at the end minus the largest sample of the warm-up (first quarter)."""
+        """Resident memory at the end minus the largest sample of the first half: the
+        allocator's caches fill for a while (measured beside a fit: up to ~2,000 of 3,000
+        requests), a leak grows on through the second half."""
         if len(self.samples_mib) < 4:
             return 0.0
-        warm = max(self.samples_mib[: max(1, len(self.samples_mib) // 4)])
+        warm = max(self.samples_mib[: max(1, len(self.samples_mib) // 2)])
         return self.samples_mib[-1] - warm
 
 
