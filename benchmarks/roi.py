@@ -35,7 +35,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from border_maxima import DEFAULT_FRAME, argmax_in_frame  # noqa: E402
 
-from rstpm.core.roi import DEFAULT_MARGIN, DEFAULT_SHARE, apply_roi, estimate_roi  # noqa: E402
+from rstpm.core.roi import (  # noqa: E402
+    DEFAULT_MARGIN,
+    DEFAULT_SHARE,
+    apply_roi,
+    estimate_roi,
+    resize_roi,
+)
 from rstpm.data.images import load_image, load_mask  # noqa: E402
 from rstpm.data.layout import GOOD, list_test_samples  # noqa: E402
 from rstpm.evaluation.evaluate import read_tiff  # noqa: E402
@@ -79,7 +85,7 @@ def analyse(
             mask = load_mask(
                 sample.mask_path, (amap.shape[1], amap.shape[0]), image_path=sample.path
             )
-            inside = apply_roi(np.ones(amap.shape, np.float32), roi) > 0
+            inside = resize_roi(roi, amap.shape)
             kept += int((mask & inside).sum())
             total += int(mask.sum())
         maps.append(amap)

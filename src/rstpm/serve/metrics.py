@@ -123,6 +123,8 @@ class ServeMetrics:
             ["run", "verdict", "corrected"],
             registry=self.registry,
         )
+        self._answered: dict[str, int] = {}  # the share's terms, by run (no counter internals)
+        self._corrected: dict[str, int] = {}
         self.corrected_share = Gauge(
             "rstpm_corrected_verdict_share",
             "corrected verdicts (feedback that contradicts the run) per verdict answered",
@@ -192,20 +194,19 @@ class ServeMetrics:
     def note_feedback(self, run: str, verdict: str, corrected: bool) -> None:
         """One operator's verdict on run ``run`` (corrected: it contradicts the run's)."""
         self.feedback.labels(run, verdict, str(corrected).lower()).inc()
+        self._corrected[run] = self._corrected.get(run, 0) + int(corrected)
         self._update_share(run)
 
     def note_verdict(self, run: str) -> None:
         """One verdict answered by predict."""
         self.verdicts.labels(run).inc()
+        self._answered[run] = self._answered.get(run, 0) + 1
         self._update_share(run)
 
     def _update_share(self, run: str) -> None:
-        answered = self.verdicts.labels(run)._value.get()
-        corrected = sum(
-            self.feedback.labels(run, verdict, "true")._value.get()
-            for verdict in ("good", "defect")
-        )
-        self.corrected_share.labels(run).set(corrected / answered if answered else 0.0)
+        answered = self._answered.get(run, 0)
+        share = self._corrected.get(run, 0) / answered if answered else 0.0
+        self.corrected_share.labels(run).set(share)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
