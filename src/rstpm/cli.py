@@ -90,6 +90,12 @@ def _from_schedule(field: str) -> str:
     return f"default: from --schedule ({DEFAULT_SCHEDULE}: {value})"
 
 
+ROI_HELP = (
+    "region of interest: a mask image (white: inspected) or none (whole images); default: the "
+    "run's RUN/roi.png if it has one (the run's thresholds apply)"
+)
+
+
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="lite")
     fast, paper = SCHEDULES[DEFAULT_SCHEDULE], SCHEDULES["paper"]
@@ -114,6 +120,28 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="cut each image (at its own resolution x --tile-scale) into SIZE-pixel tiles, "
+        "each resized to --image-size, at fit and at inference; maps are stitched "
+        "(0: resize the whole image, the paper's way)",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=Config.tile_overlap,
+        metavar="PX",
+        help="least overlap of neighbouring tiles, blended in the stitched map",
+    )
+    parser.add_argument(
+        "--tile-scale",
+        type=float,
+        default=Config.tile_scale,
+        help="scale of the image tiles are cut from (1: its own resolution)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--attention", choices=PLACEMENTS, default="pair2")
@@ -336,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted fit from its last epoch checkpoint (its own settings; "
         "default: a new fit)",
     )
+    fit.add_argument(
+        "--roi",
+        metavar="MASK|auto",
+        help="inspect only a region of interest: a mask image (white: inspected) or auto "
+        "(estimated from the normal images); stored as RUN/roi.png, editable (default: whole "
+        "images)",
+    )
     fit.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     fit.add_argument("--json", action="store_true", help="print run.json when done")
     _add_fit_arguments(fit)
@@ -350,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=VARIANT_HELP,
     )
     test.add_argument("--masks", type=Path, help=MASKS_HELP)
+    test.add_argument("--roi", metavar="MASK|none", help=ROI_HELP)
     test.add_argument("--out", type=Path, help="output folder (default: RUN/test)")
     test.add_argument("--batch-size", type=int, default=16)
     test.add_argument("--quiet", action="store_true")
@@ -378,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write <name>_overlay.png, <name>_mask.png (default: no images written)",
     )
     predict.add_argument("--variant", choices=VARIANTS, help=VARIANT_HELP)
+    predict.add_argument("--roi", metavar="MASK|none", help=ROI_HELP)
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     predict.add_argument(
@@ -506,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind; 0.0.0.0: every interface"
     )
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--roi",
+        action="append",
+        default=[],
+        metavar="NAME=MASK|none",
+        help="override run NAME's region of interest (a mask image, or none: whole images; "
+        "default: the run's); repeat for several",
+    )
     serve.add_argument("--max-batch-size", type=int, default=16, help="images per batch")
     serve.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up"
@@ -582,6 +627,9 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         disc_patience=args.disc_patience,
         batch_size=args.batch_size,
         image_size=args.image_size,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        tile_scale=args.tile_scale,
         seed=args.seed,
         lr=args.lr,
         attention=args.attention,
@@ -652,6 +700,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from rstpm.training.fit import fit
 
     if args.ray is not None:
+        if args.roi is not None:
+            raise ValueError("--roi with --ray is not supported yet: fit without --ray")
         return _fit_on_ray(args)
     if args.data is not None and len(args.data) > 1:
         raise ValueError("several --data need --ray (one run per category on a Ray cluster)")
@@ -676,6 +726,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             log=_log_for(args),
             students_from=args.students_from,
+            roi=args.roi,
         )
     parts = [f"run written to {args.out}"]
     if "best_epoch" in info:
@@ -765,6 +816,7 @@ def cmd_test(args: argparse.Namespace) -> None:
         backend=args.backend,
         onnx_path=args.onnx,
         precision=args.precision,
+        roi=args.roi,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -778,11 +830,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _check_graph_option(args)
     if args.ray is not None:
+        if args.roi is not None:
+            raise ValueError(
+                "--roi with --ray is not supported yet: the actors use the run's own RUN/roi.png"
+            )
         return _predict_on_ray(args)
     if args.out is not None:
         raise ValueError("--out RESULTS is for predict --ray; without it records go to stdout")
     paths = expand_inputs(args.paths)
-    detector = Detector.load(args.run, args.variant, args.backend, args.precision, args.onnx)
+    detector = Detector.load(
+        args.run, args.variant, args.backend, args.precision, args.onnx, roi=args.roi
+    )
     if detector.thresholds is None and not args.quiet:
         print(
             f"rstpm predict: warning: {args.run} has no thresholds (no verdicts); "
@@ -1023,7 +1081,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drift_window=args.drift_window,
         drift_min_images=args.drift_min_images,
     )
-    return run_server(args.run, args.host, args.port, settings, args.backend)
+    return run_server(args.run, args.host, args.port, settings, args.backend, args.roi)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from typing import Any
 
 from rstpm.core.attention import PLACEMENTS
 from rstpm.core.precision import REQUESTS
+from rstpm.core.tiling import Tiling
 
 # Teacher architectures per preset (T1, T2). S1 = T1's architecture, randomly initialised.
 PRESETS: dict[str, tuple[str, str]] = {
@@ -104,6 +105,12 @@ class Config:
     checkpoint_interval: float = 60.0
     false_alarm_rate: float = 0.01
     pixel_false_alarm_rate: float = 0.001
+    # Beyond the paper (core/tiling.py): 0 resizes each image to image_size (the paper's way);
+    # N > 0 cuts the image, scaled by tile_scale (1: its own resolution), into N-pixel tiles
+    # overlapping by at least tile_overlap pixels, at fit and at inference (stitched maps)
+    tile: int = 0
+    tile_overlap: int = 32
+    tile_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -156,6 +163,15 @@ class Config:
             raise ValueError("--calibration-fraction must lie in [0, 1)")
         if self.fusion not in FUSIONS:
             raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}")
+        if self.tile < 0:
+            raise ValueError("--tile must be >= 0 pixels (0: no tiling)")
+        if self.tile:
+            self.tiling  # noqa: B018 - validates the overlap and the scale
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """How images are cut into tiles (None: resized whole to image_size)."""
+        return Tiling(self.tile, self.tile_overlap, self.tile_scale) if self.tile else None
 
     @property
     def default_variant(self) -> str:
@@ -177,7 +193,7 @@ class Config:
         names = (
             "preset teacher1 teacher2 attention decoder_widths image_size epochs patience "
             "batch_size lr momentum weight_decay val_fraction calibration_fraction seed "
-            "teacher_weights precision"
+            "teacher_weights precision tile tile_overlap tile_scale"
         ).split()
         return {name: getattr(self, name) for name in names}
 

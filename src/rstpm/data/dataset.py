@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rstpm.core.tiling import Tiling, image_tiles
+from rstpm.data.images import image_size as image_size_of
 from rstpm.data.images import load_image, load_mask
 from rstpm.data.layout import Sample
 
@@ -143,6 +145,27 @@ def load_all_images(
         iterator = tqdm(samples, desc="loading images", unit="img")
     for i, sample in enumerate(iterator):
         out[i] = load_image(sample.path, image_size)
+    return out
+
+
+def load_all_tiles(
+    samples: Sequence[Sample], tiling: Tiling, image_size: int, progress: bool = False
+) -> torch.Tensor:
+    """Every sample's tiles (rstpm.core.tiling) in one (sum T_i, 3, S, S) float tensor, image
+    by image in grid order: what a tiled fit trains on."""
+    samples = list(samples)
+    counts = [tiling.count(*reversed(image_size_of(s.path))) for s in samples]
+    out = torch.empty((sum(counts), 3, image_size, image_size), dtype=torch.float32)
+    iterator: Any = samples
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(samples, desc="loading tiles", unit="img")
+    start = 0
+    for sample, count in zip(iterator, counts, strict=True):
+        tiles = image_tiles(load_image(sample.path), tiling, image_size)
+        out[start : start + count] = tiles
+        start += count
     return out
 
 

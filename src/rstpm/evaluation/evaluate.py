@@ -9,6 +9,7 @@ size (rstpm.inference.maps), as everywhere in rstpm.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from rstpm.data.images import image_size
 from rstpm.data.layout import list_test_samples
 from rstpm.evaluation.report import write_report
 from rstpm.inference.backends import open_backend
-from rstpm.inference.maps import predict_maps
+from rstpm.inference.maps import View, predict_maps
 from rstpm.metrics.protocol import evaluate
 from rstpm.metrics.verdicts import at_threshold, false_alarm_check
 from rstpm.runs.files import atomic_write_bytes, atomic_write_json
@@ -45,6 +46,14 @@ def read_tiff(path: Path) -> np.ndarray:
         return np.asarray(image, dtype=np.float32)
 
 
+def roi_record(view: View, choice: str | Path | None) -> dict[str, Any] | None:
+    """What metrics.json says about the region of interest used (None: whole images)."""
+    if view.roi is None:
+        return None
+    source = "run" if choice is None else str(Path(choice).resolve())
+    return {"source": source, "area_fraction": round(float(view.roi.mean()), 4)}
+
+
 def test_variants(
     run_dir: Path,
     data_root: Path,
@@ -56,6 +65,7 @@ def test_variants(
     backend: str = "torch",
     onnx_path: Path | None = None,
     precision: str | None = None,
+    roi: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a run on the test split of ``data_root`` for several variants at once; for each,
     writes ``<out>/anomaly_maps/<defect_type>/<stem>.tiff``, ``<out>/metrics.json`` and
@@ -65,7 +75,9 @@ def test_variants(
     ``rstpm export``, ``onnx_path`` or ``RUN_DIR/export/model-<variant>.onnx``; one variant),
     ``openvino`` (OpenVINO on that graph) or ``auto`` (rstpm.inference.backends.resolve_auto).
     ``precision`` (torch, openvino) defaults to the run's;
-    metrics.json records the backend and the precision it ran at."""
+    metrics.json records the backend and the precision it ran at. ``roi``: None (the run's
+    region of interest, if it has one), ``"none"`` (whole images) or a mask file; maps are zero
+    outside it and the metrics are taken over every pixel, as the MVTec protocol has it."""
     run_dir = Path(run_dir)
     opened = open_backend(run_dir, variants, backend, precision, onnx_path)
     variants, config = opened.variants, opened.config
@@ -75,8 +87,9 @@ def test_variants(
     thresholds = load_thresholds(run_dir)
     types = [s.defect_type for s in samples]
     started = time.perf_counter()
+    view = View.of_run(run_dir, config, roi)
     predicted = predict_maps(
-        opened.batch_maps, samples, sizes, variants, config.image_size, batch_size, progress
+        opened.batch_maps, samples, sizes, variants, view, batch_size, progress
     )
     seconds = time.perf_counter() - started
     results = []
@@ -100,6 +113,8 @@ def test_variants(
             "precision": opened.precision,
             "inference_seconds": round(seconds, 3),
             "torch_threads": torch.get_num_threads(),
+            "tile": None if config.tiling is None else dataclasses.asdict(config.tiling),
+            "roi": roi_record(view, roi),
             **metrics,
             "at_threshold": verdicts,
             "false_alarm_check": check,
@@ -124,6 +139,7 @@ def test(
     backend: str = "torch",
     onnx_path: Path | None = None,
     precision: str | None = None,
+    roi: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate one variant (default: the run's, Config.default_variant); writes maps
     and metrics.json to ``out_dir`` (default ``RUN_DIR/test``). ``backend``: see test_variants."""
@@ -139,4 +155,5 @@ def test(
         backend,
         onnx_path,
         precision,
+        roi,
     )[0]

@@ -12,7 +12,7 @@ from rstpm.data.dataset import load_all_images, load_masks
 from rstpm.data.images import image_size
 from rstpm.data.layout import Sample, list_test_samples
 from rstpm.inference.backends import open_backend
-from rstpm.inference.maps import predict_maps
+from rstpm.inference.maps import View, predict_maps
 from rstpm.metrics.thresholds import (
     IMAGE_METHODS,
     CalibrationError,
@@ -132,7 +132,12 @@ def _f1_thresholds(
     sizes = [image_size(s.path) for s in samples]
     variants = list(thresholds)
     predicted = predict_maps(
-        opened.batch_maps, samples, sizes, variants, opened.config.image_size, progress=progress
+        opened.batch_maps,
+        samples,
+        sizes,
+        variants,
+        View.of_run(run_dir, opened.config),
+        progress=progress,
     )
     maps = predicted.maps
     masks = load_masks(samples, sizes)

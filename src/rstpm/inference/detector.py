@@ -7,9 +7,10 @@
     heatmap = result.anomaly_map                    # (H, W) float32 at the image's own size
 
 Scores are the maximum of the variant's anomaly map (Eq. 5 or Eq. 7) at the network's input
-size; the verdict and the normalised values come from the run's calibrated thresholds
-(metrics/thresholds.py): anomalous when the score reaches the image threshold, i.e. when the
-normalised score is >= 0.5.
+size (of the stitched map for a tiled run), inside the run's region of interest if it has one
+(rstpm.inference.maps.View); the verdict and the normalised values come from the run's
+calibrated thresholds (metrics/thresholds.py): anomalous when the score reaches the image
+threshold, i.e. when the normalised score is >= 0.5.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 from PIL import Image
 
 from rstpm.config import Config
-from rstpm.core.fusion import resize_map
 from rstpm.data.images import DataError, open_image, pil_to_tensor
 from rstpm.inference.backends import BatchMaps, open_backend
+from rstpm.inference.maps import View
 from rstpm.metrics.thresholds import Threshold, Thresholds
 from rstpm.runs.thresholds_file import load_thresholds
 from rstpm.training.fit import fit
@@ -45,6 +46,7 @@ class Prediction:
     normalised_map: np.ndarray | None = None  # (H, W) in [0, 1], 0.5 at the pixel threshold
     defect_area_fraction: float | None = None  # fraction of pixels at/above the pixel threshold
     path: str | None = None
+    roi: np.ndarray | None = None  # (H, W) bool, the region inspected (None: the whole image)
 
     @property
     def defect_mask(self) -> np.ndarray | None:
@@ -117,6 +119,21 @@ def to_network_input(
     raise DataError(f"{name}: cannot read a {type(x).__name__} as an image")
 
 
+def to_own_size(x: ImageInput, name: str = "image") -> torch.Tensor:
+    """One image as a (3, H, W) tensor in [0, 1] at its own size (what tiles are cut from)."""
+    if isinstance(x, (str, Path)):
+        return pil_to_tensor(open_image(Path(x)), None, str(x))
+    if isinstance(x, Image.Image):
+        return pil_to_tensor(x, None, name)
+    if isinstance(x, np.ndarray):
+        return pil_to_tensor(_array_to_pil(x, name), None, name)
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 3 or x.shape[0] not in (1, 3):
+            raise DataError(f"{name}: expected a (3, H, W) tensor in [0, 1], got {tuple(x.shape)}")
+        return x.float().expand(3, -1, -1).clamp(0.0, 1.0)
+    raise DataError(f"{name}: cannot read a {type(x).__name__} as an image")
+
+
 ROW_CHUNK_PIXELS = 1 << 22
 """Pixels per block when an own-size map is compared or normalised block by block (the
 float64 temporaries of :meth:`Threshold.normalise` stay this small)."""
@@ -155,12 +172,14 @@ class Detector:
         batch_maps: BatchMaps,
         thresholds: Thresholds | None,
         backend: str = "torch",
+        view: View | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.backend = backend  # the one that runs (``auto`` resolved)
         self.config = config
         self.variant = variant
         self.thresholds = thresholds
+        self.view = view or View(config.image_size, config.tiling)
         self._batch_maps = batch_maps
 
     @classmethod
@@ -172,37 +191,52 @@ class Detector:
         precision: str | None = None,
         onnx_path: str | Path | None = None,
         performance_hint: str | None = None,
+        roi: str | Path | None = None,
     ) -> Detector:
         """Load a finished run. ``variant``: one of rstpm.core.fusion.VARIANTS (default:
         the run's, Config.default_variant: full+mem, full or st). ``backend``: torch, onnx
         (ONNX Runtime on the graph of ``rstpm export``), openvino (OpenVINO on that graph) or
         auto (the command line's default: OpenVINO where installed, exporting the graph once; see
         rstpm.inference.backends.resolve_auto). ``precision`` (torch, openvino): auto, fp32 or
-        bf16, default the run's; ``performance_hint`` (openvino): LATENCY or THROUGHPUT."""
+        bf16, default the run's; ``performance_hint`` (openvino): LATENCY or THROUGHPUT.
+        ``roi``: None (the run's region of interest, if any), ``"none"`` (whole images) or a
+        mask file (the run's thresholds still apply)."""
         run_dir = Path(run_dir)
         onnx_path = Path(onnx_path) if onnx_path else None
         opened = open_backend(run_dir, [variant], backend, precision, onnx_path, performance_hint)
         variant = opened.variants[0]
         thresholds = load_thresholds(run_dir).get(variant)
-        return cls(run_dir, opened.config, variant, opened.batch_maps, thresholds, opened.name)
+        view = View.of_run(run_dir, opened.config, roi)
+        return cls(
+            run_dir, opened.config, variant, opened.batch_maps, thresholds, opened.name, view
+        )
 
     @classmethod
     def fit(
-        cls, data: str | Path, run_dir: str | Path, progress: bool = False, **config: Any
+        cls,
+        data: str | Path,
+        run_dir: str | Path,
+        progress: bool = False,
+        roi: str | Path | None = None,
+        **config: Any,
     ) -> Detector:
         """Train a run on the normal images of ``data`` (keyword arguments: Config fields,
-        e.g. ``epochs=10``) and load it."""
-        fit(Config(**config), Path(data), Path(run_dir), progress=progress)
+        e.g. ``epochs=10``, ``tile=256``) and load it. ``roi``: a mask file or ``"auto"``
+        (rstpm.training.fit.fit)."""
+        fit(Config(**config), Path(data), Path(run_dir), progress=progress, roi=roi)
         return cls.load(run_dir)
 
     def _finish(
         self, fused: torch.Tensor, own: tuple[int, int], path: str | None, maps: bool = True
     ) -> Prediction:
-        """The prediction of one image from its fused map at the network's size. Without
-        ``maps`` the own-size map is only used for the defect area fraction, then dropped."""
+        """The prediction of one image from its restricted map at the scoring resolution (the
+        network's size, or the stitched map's). Without ``maps`` the own-size map is only used
+        for the defect area fraction, then dropped."""
         score = float(fused.max())
-        raw = resize_map(fused[None].float(), own)[0].numpy()
+        raw = self.view.own_size(fused, own)
         prediction = Prediction(score=score, anomaly_map=raw if maps else None, path=path)
+        if maps:
+            prediction.roi = self.view.roi_at(own)
         if self.thresholds is not None:
             prediction.normalised_score = float(self.thresholds.image.normalise(score))
             prediction.is_anomalous = score >= self.thresholds.image.value
@@ -230,6 +264,7 @@ class Detector:
                 return
             with torch.inference_mode():
                 fused = self._batch_maps(torch.stack([p[0] for p in pending]))[self.variant]
+                fused = self.view.restrict(fused)
             for (_, own, path, keep), one in zip(pending, fused, strict=True):
                 yield self._finish(one, own, path, keep)
             pending.clear()
@@ -237,6 +272,9 @@ class Detector:
         for i, x in enumerate(inputs):
             path = str(x) if isinstance(x, (str, Path)) else None
             keep = maps if isinstance(maps, bool) else bool(maps[i])
+            if self.view.tiling is not None:
+                yield self._predict_tiled(x, path or f"input {i}", path, keep, batch_size)
+                continue
             try:
                 tensor, own = to_network_input(x, self.config.image_size, path or f"input {i}")
             except DataError as error:
@@ -247,6 +285,18 @@ class Detector:
             if len(pending) == batch_size:
                 yield from flush()
         yield from flush()
+
+    def _predict_tiled(
+        self, x: ImageInput, name: str, path: str | None, keep: bool, batch_size: int
+    ) -> Prediction | PredictionError:
+        """One image of a tiled run: its tiles in batches of ``batch_size``, stitched."""
+        try:
+            image = to_own_size(x, name)
+        except DataError as error:
+            return PredictionError(path, str(error))
+        with torch.inference_mode():
+            stitched = self.view.tiled(self._batch_maps, image, [self.variant], batch_size)
+        return self._finish(stitched[self.variant], tuple(image.shape[-2:]), path, keep)
 
     def predict(
         self, x: ImageInput | Sequence[ImageInput], batch_size: int = 16

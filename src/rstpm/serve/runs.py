@@ -72,11 +72,32 @@ def parse_run_spec(spec: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def load_runs(specs: Sequence[str], backend: str = "torch") -> dict[str, ServedRun]:
-    """Verify and load every run once, by name.
+def parse_roi_specs(specs: Sequence[str], names: Sequence[str]) -> dict[str, str]:
+    """``NAME=MASK`` / ``NAME=none`` -> {name: choice}, for runs that exist.
 
     Raises:
-        ValueError: no run, or two runs of one name; RunError / ExportError: an unusable run.
+        ValueError: a spec without ``=`` or naming no served run.
+    """
+    rois = {}
+    for spec in specs:
+        name, sep, choice = spec.partition("=")
+        if not sep or not choice:
+            raise ValueError(f"--roi {spec}: give NAME=MASK.png or NAME=none")
+        if name not in names:
+            raise ValueError(f"--roi {spec}: no run is served as {name!r} ({', '.join(names)})")
+        rois[name] = choice
+    return rois
+
+
+def load_runs(
+    specs: Sequence[str], backend: str = "torch", rois: Sequence[str] = ()
+) -> dict[str, ServedRun]:
+    """Verify and load every run once, by name; ``rois``: ``NAME=MASK|none`` overriding a
+    run's region of interest (parse_roi_specs).
+
+    Raises:
+        ValueError: no run, or two runs of one name; RunError / ExportError: an unusable run;
+            DataError: an unreadable ROI mask.
     """
     if not specs:
         raise ValueError("serve needs at least one --run")
@@ -86,9 +107,10 @@ def load_runs(specs: Sequence[str], backend: str = "torch") -> dict[str, ServedR
         if name in paths:
             raise ValueError(f"two runs are named {name!r}: give one of them --run NAME={path}")
         paths[name] = path
+    roi_choices = parse_roi_specs(rois, list(paths))
     runs = {}
     for name, path in paths.items():
         manifest = verify_run(path)
-        detector = Detector.load(path, backend=backend)
+        detector = Detector.load(path, backend=backend, roi=roi_choices.get(name))
         runs[name] = ServedRun(name, detector, manifest, detector.backend)
     return runs

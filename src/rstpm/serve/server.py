@@ -94,8 +94,10 @@ def run_server(
     port: int = 8000,
     settings: ServeSettings | None = None,
     backend: str = "torch",
+    rois: Sequence[str] = (),
 ) -> int:
-    """``rstpm serve``: load and verify every run, then serve until interrupted.
+    """``rstpm serve``: load and verify every run, then serve until interrupted. ``rois``:
+    ``NAME=MASK`` or ``NAME=none`` per run whose region of interest is overridden.
 
     Raises:
         ValueError, RunError, DataError, ExportError: a bad option or run, before binding.
@@ -108,7 +110,7 @@ def run_server(
         print(warning, file=sys.stderr)
     sock = listening_socket(host, port)  # a port in use fails before the runs are loaded
     try:
-        app = create_app(load_runs(specs, backend), settings)
+        app = create_app(load_runs(specs, backend, rois), settings)
     except BaseException:
         sock.close()
         raise

@@ -4,30 +4,36 @@ maths of thresholds is rstpm.metrics.thresholds."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from rstpm.config import Config
 from rstpm.core.fusion import available_variants
 from rstpm.core.model import RSTPM
+from rstpm.core.roi import resize_roi
+from rstpm.core.tiling import stitched_maps
 from rstpm.metrics.thresholds import NormalStatistics, Thresholds
 
 
 @torch.no_grad()
 def calibrate_thresholds(
-    model: RSTPM, config: Config, normal_images: torch.Tensor
+    model: RSTPM,
+    config: Config,
+    normal_images: torch.Tensor | Sequence[torch.Tensor],
+    roi: np.ndarray | None = None,
 ) -> dict[str, Thresholds]:
     """Thresholds of every variant of the model at the config's target false-alarm rates, from
-    the maps of held-out normal images (image scores: the maps' max at the network's size)."""
+    the maps of held-out normal images (image scores: the maps' max at the network's size, or
+    of the stitched map of a tiled run). ``normal_images``: (N, 3, S, S) at the input size, or
+    (3, H, W) images at their own size for a tiled run. With ``roi`` (a bool mask) only the
+    pixels inside it count, as at inference."""
     model.eval()
     variants = available_variants(model.discriminator is not None, model.memory is not None)
-    maps: dict[str, list[np.ndarray]] = {v: [] for v in variants}
-    for start in range(0, len(normal_images), config.batch_size):
-        batch = model.variant_maps(
-            normal_images[start : start + config.batch_size], variants, config.smoothing_sigma
-        )
-        for v in variants:
-            maps[v].extend(batch[v].float().numpy())
+    maps = normal_maps(model, config, normal_images, variants)
+    if roi is not None:
+        maps = {v: [m[resize_roi(roi, m.shape)] for m in maps[v]] for v in variants}
     return {
         v: Thresholds.from_normals(
             v,
@@ -37,6 +43,33 @@ def calibrate_thresholds(
         )
         for v in variants
     }
+
+
+def normal_maps(
+    model: RSTPM,
+    config: Config,
+    images: torch.Tensor | Sequence[torch.Tensor],
+    variants: Sequence[str],
+) -> dict[str, list[np.ndarray]]:
+    """Per variant, the map of every image: at the input size, or stitched (Config.tiling)."""
+    maps: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+
+    def batch_maps(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return model.variant_maps(batch, variants, config.smoothing_sigma)
+
+    if config.tiling is not None:
+        for image in images:
+            stitched = stitched_maps(
+                batch_maps, image, config.tiling, config.image_size, config.batch_size, variants
+            )
+            for v in variants:
+                maps[v].append(stitched[v].numpy())
+        return maps
+    for start in range(0, len(images), config.batch_size):
+        batch = batch_maps(images[start : start + config.batch_size])
+        for v in variants:
+            maps[v].extend(batch[v].float().numpy())
+    return maps
 
 
 FUSION_QUANTILE = 0.99

@@ -15,17 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rstpm.config import Config
 from rstpm.core.model import RSTPM
-from rstpm.data.dataset import load_all_images
-from rstpm.data.images import DataError
+from rstpm.core.roi import estimate_roi
+from rstpm.data.dataset import load_all_images, load_all_tiles
+from rstpm.data.images import DataError, load_image
 from rstpm.data.layout import Sample, list_train_samples, split_train_val
 from rstpm.hardware import keep_freed_memory, resolve_precision
 from rstpm.metrics.thresholds import small_calibration_warning
 from rstpm.runs.checkpoint import load_checkpoint, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_bytes, atomic_write_json
+from rstpm.runs.roi_file import ROI_FILE, read_roi, run_roi, save_roi
 from rstpm.runs.run_dir import (
     CONFIG_FILE,
     LOG_FILE,
@@ -107,8 +110,13 @@ def fit(
     students_from: Path | None = None,
     on_epoch_end: Callable[[str, int], None] | None = None,
     snapshots: dict[str, set[int]] | None = None,
+    roi: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a run on the normal images of ``data_root`` and write it to ``run_dir``.
+
+    ``roi``: a mask image (white: inspected) or ``"auto"`` (estimated from the training
+    images, rstpm.core.roi), stored as ``run_dir/roi.png``; thresholds are calibrated inside it
+    and inference uses it unless told otherwise. None: whole images.
 
     ``students_from``: a finished run with identical student settings whose students are
     reused (stage 1 is skipped; only the discriminative network is trained). A checkpoint is
@@ -116,7 +124,7 @@ def fit(
     ``snapshots`` ({"students": {10, 20}, "discriminative": {25}}): after those epochs the best
     state so far is saved under ``run_dir/snapshots/`` (Checkpointer.snapshot; accuracy curves).
     """
-    meta = prepare_run(config, data_root, run_dir, students_from)
+    meta = prepare_run(config, data_root, run_dir, students_from, roi)
     return train_run(
         config,
         run_dir,
@@ -129,14 +137,20 @@ def fit(
 
 
 def prepare_run(
-    config: Config, data_root: Path, run_dir: Path, students_from: Path | None = None
+    config: Config,
+    data_root: Path,
+    run_dir: Path,
+    students_from: Path | None = None,
+    roi: str | Path | None = None,
 ) -> dict[str, Any]:
     """Check the data, then start ``run_dir`` afresh (config.json, an empty log, no checkpoint,
-    no complete run); returns the run's checkpoint meta (its data folder, ``students_from``)."""
+    no complete run, its ROI); returns the run's checkpoint meta (its data folder,
+    ``students_from``, the ROI's source)."""
     run_dir = Path(run_dir)
-    training_split(config, Path(data_root))  # bad data fails before the run folder is touched
+    split = training_split(config, Path(data_root))  # bad data fails before any write
     if students_from:
         _reusable_students(config, Path(students_from))
+    mask = None if roi is None else fit_roi(roi, split.train, config.image_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_checkpoint(run_dir)  # a new fit never continues an older one
     shutil.rmtree(run_dir / "snapshots", ignore_errors=True)  # nor keeps its snapshots
@@ -144,10 +158,26 @@ def prepare_run(
         (run_dir / name).unlink(missing_ok=True)
     atomic_write_json(run_dir / CONFIG_FILE, config.to_dict())  # what --resume rebuilds from
     (run_dir / LOG_FILE).write_text("")
+    (run_dir / ROI_FILE).unlink(missing_ok=True)
+    if mask is not None:
+        save_roi(run_dir, mask)
     return {
         "data": str(Path(data_root).resolve()),
         "students_from": str(Path(students_from).resolve()) if students_from else None,
+        "roi": None if roi is None else (AUTO_ROI if roi == AUTO_ROI else str(Path(roi).resolve())),
     }
+
+
+AUTO_ROI = "auto"
+
+
+def fit_roi(roi: str | Path, train: list[Sample], image_size: int) -> np.ndarray:
+    """The ROI of a fit: a mask file's, or (``"auto"``) estimated from the training images at
+    the network's input size (rstpm.core.roi.estimate_roi)."""
+    if str(roi) != AUTO_ROI:
+        return read_roi(Path(roi))
+    images = load_all_images(train, image_size).permute(0, 2, 3, 1).numpy()
+    return estimate_roi(images)
 
 
 def resume(
@@ -223,14 +253,17 @@ def train_run(
     model.set_precision(precision.precision)
     model.set_channels_last(precision.channels_last)
     train_images, val_images = (
-        load_all_images(part, config.image_size, progress=progress)
-        for part in (split.train, split.selection)
+        load_inputs(part, config, progress) for part in (split.train, split.selection)
     )
-    calibration_images = (  # --calibration-fraction 0: the selection images, read once
-        val_images
-        if split.calibration is split.selection
-        else load_all_images(split.calibration, config.image_size, progress=progress)
-    )
+    calibration_images: torch.Tensor | list[torch.Tensor]
+    if config.tiling is not None:  # whole images: thresholds are set on stitched maps
+        calibration_images = [load_image(s.path) for s in split.calibration]
+    elif split.calibration is split.selection:  # --calibration-fraction 0: read once
+        calibration_images = val_images
+    else:
+        calibration_images = load_all_images(
+            split.calibration, config.image_size, progress=progress
+        )
     logger = EpochLogger(run_dir / LOG_FILE if main else None, progress, log)
     checkpointer = Checkpointer(
         run_dir, meta, config.checkpoint_interval, on_epoch_end, write=main, on_write=on_write
@@ -273,7 +306,8 @@ def train_run(
         return {}
     if config.memory_fraction > 0:  # Omega^8 (beyond the paper): training/memory.py
         info["memory"] = build_memory(model, config, train_images, val_images)
-    save_thresholds(run_dir, calibrate_thresholds(model, config, calibration_images))
+    roi = run_roi(run_dir)
+    save_thresholds(run_dir, calibrate_thresholds(model, config, calibration_images, roi))
     info = {
         "teachers": {k: v.to_dict() for k, v in teachers.items()},
         "data": str(data_root),
@@ -285,6 +319,10 @@ def train_run(
         "calibration_warning": small_calibration_warning(
             len(split.calibration), config.false_alarm_rate
         ),
+        "roi": None
+        if roi is None
+        else {"source": meta.get("roi"), "area_fraction": round(float(roi.mean()), 4)},
+        "inputs_per_epoch": len(train_images),
         **info,
         "resumed_from": None if stage is None else {"stage": stage, "epoch": meta_epoch},
         "total_seconds": round(time.perf_counter() - started, 3),
@@ -297,6 +335,14 @@ def train_run(
     save_run(run_dir, config, model.trainable_state_dict(), info)
     remove_checkpoint(run_dir)
     return info
+
+
+def load_inputs(samples: list[Sample], config: Config, progress: bool) -> torch.Tensor:
+    """What the networks train and select on: the images resized to the input size, or their
+    tiles (Config.tiling)."""
+    if config.tiling is not None:
+        return load_all_tiles(samples, config.tiling, config.image_size, progress=progress)
+    return load_all_images(samples, config.image_size, progress=progress)
 
 
 def _stage1(

@@ -18,6 +18,10 @@ from rstpm.core.fusion import fuse
 from rstpm.core.memory_bank import MemoryBank, patch_embedding
 from rstpm.core.model import RSTPM
 
+MAX_MEMORY_INPUTS = 512
+"""The memory is chosen from at most this many training inputs (a seeded random subset): every
+image of a usual category, a bounded share of the tiles of a tiled fit (core/tiling.py), whose
+millions of patches would make the greedy coreset cost hours."""
 SCALE_QUANTILE = 0.99
 """q_7 and q_8 of ``full+mem``: this quantile of each map's values on the selection images."""
 
@@ -44,8 +48,11 @@ def build_memory(
     started = time.perf_counter()
     model.eval()
     batch = config.batch_size
-    embeddings = training_embeddings(model, train_images, batch)
     generator = torch.Generator().manual_seed(config.seed)
+    if len(train_images) > MAX_MEMORY_INPUTS:
+        chosen = torch.randperm(len(train_images), generator=generator)[:MAX_MEMORY_INPUTS]
+        train_images = train_images[chosen.sort().values]
+    embeddings = training_embeddings(model, train_images, batch)
     coreset_started = time.perf_counter()
     memory = MemoryBank.from_embeddings(
         embeddings, config.memory_fraction, config.memory_projection, generator
@@ -58,6 +65,7 @@ def build_memory(
         # full+mem divides each map by its scale: Omega^8's divided by its weight too
         memory.scales.copy_(quantiles / torch.tensor([1.0, config.memory_weight]))
     return {
+        "inputs": len(train_images),
         "patches": int(embeddings.shape[0] * embeddings.shape[2] * embeddings.shape[3]),
         "memory_patches": int(memory.bank.shape[0]),
         "dimensions": int(memory.bank.shape[1]),
