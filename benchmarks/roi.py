@@ -2,7 +2,8 @@
 
 Not a test. For each ``CATEGORY=TEST_OUT`` entry (an ``rstpm test --out`` folder with
 ``anomaly_maps/<defect_type>/<stem>.tiff`` at the images' own size), the ROI is estimated from
-the category's ``train/good`` images at ``--size`` px (the network's input size), written as
+the category's ``train/good`` images at ``--size`` px (the network's input size, 256 as in
+rstpm.config and rstpm.training.fit), written as
 ``OUT/<category>-roi.png``, and the saved maps are scored twice, as they are and with every value
 outside the ROI set to zero (rstpm.core.roi.apply_roi):
 
@@ -11,12 +12,14 @@ outside the ROI set to zero (rstpm.core.roi.apply_roi):
 * the share of good / all test images whose maximum lies in the 5 % border frame
   (benchmarks/border_maxima.py's definition);
 * the share of the defect pixels of the test set that the ROI keeps (a defect outside the ROI
-  cannot be found).
+  cannot be found), overall and per defect type.
+
+Only the ROI's settings come from the command line; the ROI itself sees train/good images only.
 
     python benchmarks/roi.py --data-root ../shared/data/mvtec_ad \\
         --maps transistor=runs/default/transistor-s0/test-full+mem \\
                bottle=runs/default/bottle-s0/test-full+mem \\
-        --out runs/roi [--size 256] [--share 0.15] [--margin 0.05]
+        --out runs/roi [--size 256] [--share 0.03] [--margin 0.16] [--closing 0.01]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from border_maxima import DEFAULT_FRAME, argmax_in_frame  # noqa: E402
 
 from rstpm.core.roi import (  # noqa: E402
+    CLOSING,
     DEFAULT_MARGIN,
     DEFAULT_SHARE,
     apply_roi,
@@ -67,15 +71,24 @@ def _scores(maps: Sequence[np.ndarray], masks, types, samples) -> dict[str, Any]
 
 
 def analyse(
-    category: Path, maps_dir: Path, out: Path, size: int, share: float, margin: float
+    category: Path,
+    maps_dir: Path,
+    out: Path,
+    size: int,
+    share: float,
+    margin: float,
+    closing: float = CLOSING,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    roi = estimate_roi(normal_images(category, size), share=share, margin=margin)
+    images = normal_images(category, size)
+    roi = estimate_roi(images, share=share, margin=margin, closing=closing)
     seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(roi.astype(np.uint8) * 255).save(out / f"{category.name}-roi.png")
     samples = list_test_samples(category)
-    maps, masked, masks, kept, total = [], [], [], 0, 0
+    maps, masked, masks = [], [], []
+    kept: dict[str, int] = {}
+    total: dict[str, int] = {}
     for sample in samples:
         amap = read_tiff(
             maps_dir / "anomaly_maps" / sample.defect_type / f"{sample.path.stem}.tiff"
@@ -86,8 +99,9 @@ def analyse(
                 sample.mask_path, (amap.shape[1], amap.shape[0]), image_path=sample.path
             )
             inside = resize_roi(roi, amap.shape)
-            kept += int((mask & inside).sum())
-            total += int(mask.sum())
+            kind = sample.defect_type
+            kept[kind] = kept.get(kind, 0) + int((mask & inside).sum())
+            total[kind] = total.get(kind, 0) + int(mask.sum())
         maps.append(amap)
         masked.append(apply_roi(amap, roi))
         masks.append(mask)
@@ -97,7 +111,8 @@ def analyse(
         "maps": str(maps_dir),
         "roi_area_share": float(roi.mean()),
         "roi_seconds": round(seconds, 2),
-        "defect_pixels_kept": kept / total if total else None,
+        "defect_pixels_kept": sum(kept.values()) / sum(total.values()) if total else None,
+        "defect_pixels_kept_per_type": {k: kept[k] / total[k] for k in total if total[k]},
         "frame": DEFAULT_FRAME,
         "without": _scores(maps, masks, types, types),
         "with": _scores(masked, masks, types, types),
@@ -117,9 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--maps", nargs="+", required=True, metavar="CATEGORY=TEST_OUT")
     p.add_argument("--out", type=Path, default=Path("runs/roi"))
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--size", type=int, default=256)
     p.add_argument("--share", type=float, default=DEFAULT_SHARE)
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    p.add_argument("--closing", type=float, default=CLOSING)
     args = p.parse_args(argv)
     results = []
     print("| category / maps | image AUROC | pixel AUROC | PRO | max in frame (good) | (all) |")
@@ -127,7 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for entry in args.maps:
         name, _, folder = entry.partition("=")
         result = analyse(
-            args.data_root / name, Path(folder), args.out, args.size, args.share, args.margin
+            args.data_root / name,
+            Path(folder),
+            args.out,
+            args.size,
+            args.share,
+            args.margin,
+            args.closing,
         )
         results.append(result)
         print(_row(f"{name} {Path(folder).parent.name}", result["without"]))
@@ -137,7 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{100 * (result['defect_pixels_kept'] or 0):.1f} % of the defect pixels, "
             f"{result['roi_seconds']} s | | | | | |"
         )
-    settings = {"size": args.size, "share": args.share, "margin": args.margin}
+        per_type = ", ".join(
+            f"{kind} {100 * share:.1f} %"
+            for kind, share in result["defect_pixels_kept_per_type"].items()
+        )
+        print(f"|  kept per defect type: {per_type} | | | | | |")
+    settings = {
+        "size": args.size,
+        "share": args.share,
+        "margin": args.margin,
+        "closing": args.closing,
+    }
     (args.out / "roi.json").write_text(
         json.dumps({"settings": settings, "results": results}, indent=1), encoding="utf-8"
     )

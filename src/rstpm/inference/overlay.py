@@ -22,6 +22,7 @@ __all__ = [
     "binary_mask",
     "colorize",
     "encode_png",
+    "grey_out",
     "region_contour",
     "render_overlay",
     "save_png",
@@ -147,8 +148,10 @@ def render_overlay(
     threshold: float | None,
     alpha: float = 0.5,
     contour_width: int | None = None,
+    roi: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blend an image with its colorized anomaly map and outline the thresholded region.
+    """Blend an image with its colorized anomaly map and outline the thresholded region;
+    outside a region of interest (``roi``) the image is drawn greyed instead.
 
     Args:
         image: (H, W, 3) uint8 RGB (a (H, W) grayscale image is accepted too).
@@ -159,6 +162,8 @@ def render_overlay(
         alpha: weight of the colorized map (0 = the image alone, 1 = the map alone).
         contour_width: contour thickness in pixels; default 1, or 2 for images larger than
             512 pixels on a side.
+        roi: (H, W) bool, the region inspected: outside it no map is drawn, only the image's
+            grey levels at half contrast over mid-grey (:func:`grey_out`).
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -181,7 +186,18 @@ def render_overlay(
         if contour_width is None:
             contour_width = 1 if max(height, width) <= 512 else 2
         out[region_contour(amap >= threshold, contour_width)] = CONTOUR_COLOUR
+    if roi is not None:
+        outside = ~np.asarray(roi, dtype=bool)
+        out[outside] = grey_out(image[outside])
     return out
+
+
+def grey_out(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 -> the pixels' luminance at half contrast over mid-grey (uint8, RGB):
+    what overlays draw outside a region of interest."""
+    luminance = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = np.round(64.0 + 0.5 * luminance).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def encode_png(array: np.ndarray, palette: bool = False) -> bytes:

@@ -87,10 +87,10 @@ def colour_scale(prediction: Prediction) -> tuple[np.ndarray, float, float, floa
 
 def overlay_image(image: torch.Tensor, prediction: Prediction) -> np.ndarray:
     """(H, W, 3) uint8: the (3, H, W) [0, 1] image blended with its coloured map and the contour
-    of the thresholded region."""
+    of the thresholded region, greyed outside the prediction's region of interest."""
     rgb = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     values, vmin, vmax, threshold = colour_scale(prediction)
-    return render_overlay(rgb, values, vmin, vmax, threshold)
+    return render_overlay(rgb, values, vmin, vmax, threshold, roi=prediction.roi)
 
 
 def save_outputs(prediction: Prediction, stem: Path) -> dict[str, str]:
