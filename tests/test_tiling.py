@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from scipy import ndimage
 
+from rstpm import Detector
 from rstpm.config import Config
 from rstpm.core.tiling import (
     Tiling,
@@ -125,3 +130,61 @@ def test_scale_image_keeps_values_in_range() -> None:
     scaled = scale_image(image, Tiling(64, 0, 0.5))
     assert scaled.shape == (3, 150, 100)
     assert float(scaled.min()) >= 0.0 and float(scaled.max()) <= 1.0
+
+
+SIDE = 2048
+
+
+def _surface(rng: np.random.Generator) -> np.ndarray:
+    """A 2048 x 2048 grey surface: smooth blobs (scale ~100 px) and a fine grain, in [0, 1]."""
+    blobs = ndimage.gaussian_filter(rng.normal(0, 1, (SIDE // 8, SIDE // 8)), 3)
+    blobs = np.kron(blobs / blobs.std(), np.ones((8, 8)))
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, (SIDE, SIDE)), 1.0)
+    return np.clip(0.55 + 0.04 * blobs + 0.02 * grain / grain.std(), 0, 1)
+
+
+def _save(path: Path, grey: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
+    Image.fromarray(rgb).save(path)
+
+
+@pytest.mark.slow
+def test_a_few_pixel_defect_in_a_2048_image_is_found_with_tiles_and_lost_without(
+    tmp_path: Path,
+) -> None:
+    """An 8 x 8 px dark speck on a 2048 x 2048 surface. Tiled (256-px tiles at the image's own
+    resolution, each seen at 128 px) the map's maximum lies on the speck and every speck image
+    scores above every good one; resized whole to 128 px (the speck under one pixel) the
+    maximum is never on it. The ``mem`` variant (the memory of normal patches on the ImageNet
+    teacher) needs no training, so one student epoch does: the test is about resolution."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "surface"
+    for i in range(8):
+        _save(data / "train" / "good" / f"{i:03d}.png", _surface(rng))
+    for i in range(3):
+        _save(data / "test" / "good" / f"{i:03d}.png", _surface(rng))
+    specks = []
+    for i in range(3):
+        image = _surface(rng)
+        top, left = (int(v) for v in rng.integers(300, 1700, 2))
+        image[top : top + 8, left : left + 8] = 0.1
+        _save(data / "test" / "speck" / f"{i:03d}.png", image)
+        specks.append((top + 4, left + 4))
+    fit = {"epochs": 1, "batch_size": 4, "image_size": 128, "disc_epochs": 0}
+    fit |= {"memory_fraction": 0.25, "false_alarm_rate": 0.2}
+    good = sorted((data / "test" / "good").glob("*.png"))
+    bad = sorted((data / "test" / "speck").glob("*.png"))
+    for name, tiles in (("tiled", {"tile": 256, "tile_overlap": 64}), ("whole", {})):
+        Detector.fit(data, tmp_path / name, **fit, **tiles)
+        detector = Detector.load(tmp_path / name, variant="mem")
+        good_scores = [p.score for p in detector.predict(good)]
+        found = []
+        for prediction, centre in zip(detector.predict(bad), specks, strict=True):
+            peak = np.unravel_index(np.argmax(prediction.anomaly_map), (SIDE, SIDE))
+            near = max(abs(int(peak[0]) - centre[0]), abs(int(peak[1]) - centre[1])) <= 32
+            found.append(near and prediction.score > max(good_scores))
+        if name == "tiled":
+            assert all(found), (found, good_scores)
+        else:
+            assert not any(found), found

@@ -192,7 +192,7 @@ def resume(
     meta, groups = load_checkpoint(run_dir)
     config = read_config(run_dir)
     trim_log(run_dir, meta)
-    base = {k: meta[k] for k in ("data", "students_from")}
+    base = {k: meta.get(k) for k in ("data", "students_from", "roi")}
     return train_run(
         config,
         run_dir,
