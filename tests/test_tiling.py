@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from rstpm.core.tiling import (
     stitch,
     stitched_maps,
 )
+from rstpm.evaluation.evaluate import test as run_test
 
 
 @pytest.mark.parametrize(
@@ -188,3 +190,52 @@ def test_a_few_pixel_defect_in_a_2048_image_is_found_with_tiles_and_lost_without
             assert all(found), (found, good_scores)
         else:
             assert not any(found), found
+
+
+@pytest.fixture(scope="module")
+def tiled_run(synthetic_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run on 32-px tiles of the 64-px synthetic images, no overlap: 4 tiles each."""
+    out = tmp_path_factory.mktemp("tiled") / "run"
+    fit = {"epochs": 1, "batch_size": 8, "image_size": 32, "disc_epochs": 1, "disc_batch_size": 8}
+    Detector.fit(synthetic_category, out, tile=32, tile_overlap=0, false_alarm_rate=0.05, **fit)
+    return out
+
+
+def test_a_tiled_run_puts_each_tiles_map_in_its_place(
+    tiled_run: Path, synthetic_category: Path
+) -> None:
+    """Without overlap the stitched map is the four tiles' maps side by side: computed here
+    crop by crop through the run's network, against Detector.predict."""
+    detector = Detector.load(tiled_run)
+    assert detector.config.tiling == Tiling(32, 0)
+    path = sorted((synthetic_category / "test").glob("*/*.png"))[-1]
+    image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+    tensor = torch.from_numpy(image).permute(2, 0, 1)
+    expected = np.zeros((64, 64), dtype=np.float32)
+    with torch.no_grad():
+        for top in (0, 32):
+            for left in (0, 32):
+                crop = tensor[:, top : top + 32, left : left + 32][None]
+                one = detector._batch_maps(crop)[detector.variant][0].float().numpy()
+                expected[top : top + 32, left : left + 32] = one
+    prediction = detector.predict(path)
+    assert prediction.anomaly_map.shape == (64, 64)
+    np.testing.assert_allclose(prediction.anomaly_map, expected, rtol=1e-4, atol=1e-5)
+    assert prediction.score == pytest.approx(float(expected.max()), rel=1e-5)
+    assert prediction.is_anomalous == (prediction.score >= detector.thresholds.image.value)
+
+
+def test_a_tiled_run_scores_a_list_with_a_bad_file_and_tests(
+    tiled_run: Path, synthetic_category: Path, tmp_path: Path
+) -> None:
+    files = sorted((synthetic_category / "test").glob("*/*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    results = list(Detector.load(tiled_run).predict_many([files[0], broken, files[1]], maps=False))
+    assert [type(r).__name__ for r in results] == ["Prediction", "PredictionError", "Prediction"]
+    assert "broken.png" in results[1].message and results[0].anomaly_map is None
+    result = run_test(tiled_run, synthetic_category, out_dir=tmp_path / "test", progress=False)
+    assert result["tile"] == {"tile": 32, "overlap": 0, "scale": 1.0}
+    assert 0.0 <= result["overall"]["pixel_auroc"] <= 1.0
+    info = json.loads((tiled_run / "run.json").read_text())
+    assert info["inputs_per_epoch"] == 4 * info["n_train"]
