@@ -217,3 +217,34 @@ def test_a_bright_border_artefact_dominates_without_roi_and_not_with_it(
         y, x = np.unravel_index(np.argmax(inside.anomaly_map), inside.anomaly_map.shape)
         assert frame <= x < SIDE - frame and frame <= y < SIDE - frame
         assert inside.score < 0.75 * after.score
+
+
+def test_serve_uses_the_runs_roi_or_the_override(roi_run: Path, synthetic_category: Path) -> None:
+    """Two served names on one run: the run's ROI and ``--roi NAME=none``; the answers are
+    Detector.predict's under each, the overlay greyed outside the ROI only for the first."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from rstpm.serve import ServeSettings, create_app, load_runs
+
+    runs = load_runs([f"roi={roi_run}", f"whole={roi_run}"], "torch", ["whole=none"])
+    assert runs["roi"].detector.view.roi is not None and runs["whole"].detector.view.roi is None
+    image = sorted((synthetic_category / "test" / "scratch").glob("*.png"))[0]
+    with TestClient(create_app(runs, ServeSettings(max_wait_ms=1))) as client:
+        for name, roi in (("roi", None), ("whole", "none")):
+            response = client.post(
+                f"/v1/runs/{name}/predict?overlay=png",
+                content=image.read_bytes(),
+                headers={"content-type": "image/png"},
+            )
+            assert response.status_code == 200, response.text
+            served = response.json()
+            expected = Detector.load(roi_run, roi=roi).predict(image)
+            assert served["score"] == pytest.approx(expected.score, abs=1e-5)
+            png = Image.open(io.BytesIO(base64.b64decode(served["overlay_png"])))
+            overlay = np.asarray(png.convert("RGB")).astype(int)
+            corner = overlay[:4, :4].reshape(-1, 3)  # outside the 20 % frame's ROI
+            grey = np.all(corner[:, 0] == corner[:, 1]) and np.all(corner[:, 1] == corner[:, 2])
+            assert grey == (name == "roi")
