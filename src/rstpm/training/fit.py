@@ -164,11 +164,16 @@ def prepare_run(
     return {
         "data": str(Path(data_root).resolve()),
         "students_from": str(Path(students_from).resolve()) if students_from else None,
-        "roi": None if roi is None else (AUTO_ROI if roi == AUTO_ROI else str(Path(roi).resolve())),
+        "roi": None if roi is None else roi_source(roi),
     }
 
 
 AUTO_ROI = "auto"
+
+
+def roi_source(roi: str | Path) -> str:
+    """What run.json records as the ROI's source: ``auto`` or the mask's absolute path."""
+    return AUTO_ROI if str(roi) == AUTO_ROI else str(Path(roi).resolve())
 
 
 def fit_roi(roi: str | Path, train: list[Sample], image_size: int) -> np.ndarray:
