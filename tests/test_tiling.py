@@ -239,3 +239,19 @@ def test_a_tiled_run_scores_a_list_with_a_bad_file_and_tests(
     assert 0.0 <= result["overall"]["pixel_auroc"] <= 1.0
     info = json.loads((tiled_run / "run.json").read_text())
     assert info["inputs_per_epoch"] == 4 * info["n_train"]
+
+
+def test_a_tiled_run_on_its_onnx_graph_scores_as_torch(
+    tiled_run: Path, synthetic_category: Path
+) -> None:
+    """Graph backends score tiles as torch does: rstpm cuts and stitches around any backend."""
+    pytest.importorskip("onnxruntime")
+    from rstpm.inference.export import export_onnx
+
+    export_onnx(tiled_run, "full+mem", tiled_run / "export" / "model-full+mem.onnx")
+    files = sorted((synthetic_category / "test").glob("*/*.png"))[:4]
+    torch_scores = [p.score for p in Detector.load(tiled_run).predict(files)]
+    graph = Detector.load(tiled_run, backend="onnx")
+    assert graph.backend == "onnx" and graph.view.tiling == Tiling(32, 0)
+    onnx_scores = [p.score for p in graph.predict(files)]
+    np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
