@@ -186,7 +186,8 @@ def test_view_restricts_to_zero_outside() -> None:
     out = view.restrict(maps)
     inside = torch.from_numpy(resize_roi(roi, (8, 8)))
     assert torch.equal(out[:, inside], maps[:, inside]) and out[:, ~inside].eq(0).all()
-    assert view.own_size(out[0], (16, 16))[~resize_roi(roi, (16, 16))].max() == 0
+    own, inside = view.own_size(out[0], (16, 16))
+    assert np.array_equal(inside, resize_roi(roi, (16, 16))) and own[~inside].max() == 0
     assert torch.equal(View(64).restrict(maps), maps)
 
 
@@ -248,3 +249,16 @@ def test_serve_uses_the_runs_roi_or_the_override(roi_run: Path, synthetic_catego
             corner = overlay[:4, :4].reshape(-1, 3)  # outside the 20 % frame's ROI
             grey = np.all(corner[:, 0] == corner[:, 1]) and np.all(corner[:, 1] == corner[:, 2])
             assert grey == (name == "roi")
+
+
+def test_feedback_scores_images_inside_the_roi_as_predict(
+    roi_run: Path, synthetic_category: Path
+) -> None:
+    """The scores the feedback log keeps (and --from-feedback calibrates with) are predict's."""
+    from rstpm.inference.feedback import FeedbackScorer
+
+    image = sorted((synthetic_category / "test" / "scratch").glob("*.png"))[0]
+    detector = Detector.load(roi_run)
+    score = FeedbackScorer(roi_run).scores(image)[detector.variant]
+    assert score == pytest.approx(detector.predict(image).score, rel=1e-6)
+    assert score < Detector.load(roi_run, roi="none").predict(image).score

@@ -255,3 +255,14 @@ def test_a_tiled_run_on_its_onnx_graph_scores_as_torch(
     assert graph.backend == "onnx" and graph.view.tiling == Tiling(32, 0)
     onnx_scores = [p.score for p in graph.predict(files)]
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
+
+
+def test_feedback_scores_a_tiled_runs_images_as_predict(
+    tiled_run: Path, synthetic_category: Path
+) -> None:
+    from rstpm.inference.feedback import FeedbackScorer
+
+    image = sorted((synthetic_category / "test" / "scratch").glob("*.png"))[0]
+    detector = Detector.load(tiled_run)
+    score = FeedbackScorer(tiled_run).scores(image)[detector.variant]
+    assert score == pytest.approx(detector.predict(image).score, rel=1e-6)

@@ -95,43 +95,55 @@ def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
     raise DataError(f"{name}: unsupported array dtype {array.dtype}; use uint8, uint16 or float")
 
 
-def to_network_input(
-    x: ImageInput, size: int, name: str = "image"
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One image as the network's (3, size, size) input in [0, 1] and its own (H, W)."""
-    if isinstance(x, (str, Path)):
-        img = open_image(Path(x))  # one guarded read gives both the pixels and the own size
-        return pil_to_tensor(img, size, str(x)), (img.height, img.width)
-    if isinstance(x, Image.Image):
-        return pil_to_tensor(x, size, name), (x.height, x.width)
-    if isinstance(x, np.ndarray):
-        img = _array_to_pil(x, name)
-        return pil_to_tensor(img, size, name), (img.height, img.width)
+def _read(x: ImageInput, name: str, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image as a (3, H, W) tensor in [0, 1], resized to ``size`` x ``size`` unless
+    ``size`` is None, and its own (H, W)."""
     if isinstance(x, torch.Tensor):
         if x.dim() != 3 or x.shape[0] not in (1, 3):
             raise DataError(f"{name}: expected a (3, H, W) tensor in [0, 1], got {tuple(x.shape)}")
         image = x.float().expand(3, -1, -1)
         own = (int(x.shape[1]), int(x.shape[2]))
-        resized = torch.nn.functional.interpolate(
-            image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )[0]
-        return resized.clamp(0.0, 1.0), own
-    raise DataError(f"{name}: cannot read a {type(x).__name__} as an image")
-
-
-def to_own_size(x: ImageInput, name: str = "image") -> torch.Tensor:
-    """One image as a (3, H, W) tensor in [0, 1] at its own size (what tiles are cut from)."""
+        if size is not None:
+            image = torch.nn.functional.interpolate(
+                image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )[0]
+        return image.clamp(0.0, 1.0), own
     if isinstance(x, (str, Path)):
-        return pil_to_tensor(open_image(Path(x)), None, str(x))
-    if isinstance(x, Image.Image):
-        return pil_to_tensor(x, None, name)
-    if isinstance(x, np.ndarray):
-        return pil_to_tensor(_array_to_pil(x, name), None, name)
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 3 or x.shape[0] not in (1, 3):
-            raise DataError(f"{name}: expected a (3, H, W) tensor in [0, 1], got {tuple(x.shape)}")
-        return x.float().expand(3, -1, -1).clamp(0.0, 1.0)
-    raise DataError(f"{name}: cannot read a {type(x).__name__} as an image")
+        img, name = open_image(Path(x)), str(x)  # one guarded read: the pixels and the own size
+    elif isinstance(x, Image.Image):
+        img = x
+    elif isinstance(x, np.ndarray):
+        img = _array_to_pil(x, name)
+    else:
+        raise DataError(f"{name}: cannot read a {type(x).__name__} as an image")
+    return pil_to_tensor(img, size, name), (img.height, img.width)
+
+
+def to_network_input(
+    x: ImageInput, size: int, name: str = "image"
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image as the network's (3, size, size) input in [0, 1] and its own (H, W)."""
+    return _read(x, name, size)
+
+
+def score_maps(
+    batch_maps: BatchMaps,
+    view: View,
+    x: ImageInput,
+    variants: Sequence[str],
+    name: str = "image",
+    batch_size: int = 16,
+) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    """Per variant, the restricted map ONE image is scored on (at the network's input size, or
+    stitched from its tiles, ``batch_size`` at a time, for a tiled run), and the image's own
+    (H, W). Raises DataError for an unreadable image."""
+    with torch.inference_mode():
+        if view.tiling is not None:
+            image, own = _read(x, name, None)
+            return view.tiled(batch_maps, image, variants, batch_size), own
+        tensor, own = _read(x, name, view.image_size)
+        maps = batch_maps(tensor[None])
+        return {v: view.restrict(maps[v][0].float()) for v in variants}, own
 
 
 ROW_CHUNK_PIXELS = 1 << 22
@@ -233,10 +245,10 @@ class Detector:
         network's size, or the stitched map's). Without ``maps`` the own-size map is only used
         for the defect area fraction, then dropped."""
         score = float(fused.max())
-        raw = self.view.own_size(fused, own)
+        raw, inside = self.view.own_size(fused, own)
         prediction = Prediction(score=score, anomaly_map=raw if maps else None, path=path)
         if maps:
-            prediction.roi = self.view.roi_at(own)
+            prediction.roi = inside
         if self.thresholds is not None:
             prediction.normalised_score = float(self.thresholds.image.normalise(score))
             prediction.is_anomalous = score >= self.thresholds.image.value
@@ -291,12 +303,10 @@ class Detector:
     ) -> Prediction | PredictionError:
         """One image of a tiled run: its tiles in batches of ``batch_size``, stitched."""
         try:
-            image = to_own_size(x, name)
+            maps, own = score_maps(self._batch_maps, self.view, x, [self.variant], name, batch_size)
         except DataError as error:
             return PredictionError(path, str(error))
-        with torch.inference_mode():
-            stitched = self.view.tiled(self._batch_maps, image, [self.variant], batch_size)
-        return self._finish(stitched[self.variant], tuple(image.shape[-2:]), path, keep)
+        return self._finish(maps[self.variant], own, path, keep)
 
     def predict(
         self, x: ImageInput | Sequence[ImageInput], batch_size: int = 16

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from rstpm.data.images import DataError, check_file
 from rstpm.inference.backends import Backend, open_backend
-from rstpm.inference.detector import to_network_input
+from rstpm.inference.detector import score_maps
+from rstpm.inference.maps import View
 from rstpm.metrics.thresholds import Thresholds
 from rstpm.runs.feedback_log import image_digest, make_entry
 from rstpm.runs.thresholds_file import load_thresholds
@@ -35,13 +35,14 @@ class FeedbackScorer:
                 f"first with `rstpm threshold --run {self.run_dir}`"
             )
         self._opened: Backend = open_backend(self.run_dir, list(self.thresholds), backend)
+        self._view = View.of_run(self.run_dir, self._opened.config)
 
     def scores(self, image: str | Path | Image.Image) -> dict[str, float]:
-        """The image score (maximum of the map at the network's size) of every variant."""
-        tensor, _ = to_network_input(image, self._opened.config.image_size, str(image))
-        with torch.inference_mode():
-            maps = self._opened.batch_maps(tensor[None])
-        return {v: float(maps[v][0].float().max()) for v in self._opened.variants}
+        """The image score of every variant, as predict takes it (the run's tiling and region
+        of interest included)."""
+        opened = self._opened
+        maps, _ = score_maps(opened.batch_maps, self._view, image, opened.variants, str(image))
+        return {v: float(m.max()) for v, m in maps.items()}
 
     def verdicts(self, scores: dict[str, float]) -> dict[str, str | None]:
         """What each variant said at its calibrated image threshold."""

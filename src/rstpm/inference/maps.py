@@ -53,16 +53,16 @@ class View:
 
     def restrict(self, maps: torch.Tensor) -> torch.Tensor:
         """(..., H, W) maps, zero outside the ROI (rstpm's maps are >= 0)."""
-        if self.roi is None:
-            return maps
-        inside = torch.from_numpy(self.roi_at(tuple(maps.shape[-2:])))
-        return torch.where(inside, maps, torch.zeros((), dtype=maps.dtype))
+        return _zero_outside(maps, self.roi_at(tuple(maps.shape[-2:])))
 
-    def own_size(self, score_map: torch.Tensor, own: tuple[int, int]) -> np.ndarray:
+    def own_size(
+        self, score_map: torch.Tensor, own: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(H', W') restricted map at the scoring resolution -> (H, W) float32 at the image's
-        own size, zero outside the ROI."""
-        raw = resize_map(score_map[None].float(), own)[0]
-        return self.restrict(raw).numpy()
+        own size, zero outside the ROI, and the ROI at that size (None: no ROI)."""
+        inside = self.roi_at(own)
+        raw = _zero_outside(resize_map(score_map[None].float(), own)[0], inside)
+        return raw.numpy(), inside
 
     def tiled(
         self, batch_maps: BatchMaps, image: torch.Tensor, variants: Sequence[str], batch_size: int
@@ -72,6 +72,13 @@ class View:
             batch_maps, image, self.tiling, self.image_size, batch_size, variants
         )
         return {v: self.restrict(m) for v, m in stitched.items()}
+
+
+def _zero_outside(maps: torch.Tensor, inside: np.ndarray | None) -> torch.Tensor:
+    """``maps`` (..., H, W) with zeros where the (H, W) mask ``inside`` is False."""
+    if inside is None:
+        return maps
+    return torch.where(torch.from_numpy(inside), maps, torch.zeros((), dtype=maps.dtype))
 
 
 @dataclass
@@ -109,7 +116,7 @@ def predict_maps(
                 scores[variant].extend(fused.flatten(1).amax(dim=1).tolist())
                 for i, index in enumerate(batch.index.tolist()):
                     width, height = sizes[index]
-                    maps[variant].append(view.own_size(fused[i], (height, width)))
+                    maps[variant].append(view.own_size(fused[i], (height, width))[0])
             bar.update(len(batch.index))
     return VariantMaps(maps, {v: np.asarray(s, dtype=np.float64) for v, s in scores.items()})
 
@@ -130,5 +137,5 @@ def _tiled_maps(
         stitched = view.tiled(backend, image, variants, batch_size)
         for v in variants:
             scores[v].append(float(stitched[v].max()))
-            maps[v].append(view.own_size(stitched[v], tuple(image.shape[-2:])))
+            maps[v].append(view.own_size(stitched[v], tuple(image.shape[-2:]))[0])
     return VariantMaps(maps, {v: np.asarray(s, dtype=np.float64) for v, s in scores.items()})
