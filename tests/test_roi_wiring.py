@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -123,6 +126,25 @@ def test_test_writes_maps_zero_outside_and_records_the_roi(
     )
     assert plain["roi"] is None
     assert read_tiff(tmp_path / "no" / tiff.relative_to(tmp_path / "roi"))[~inside].max() > 0
+    greyed = [grey_share_outside(t, inside) for t in gallery(tmp_path / "roi" / "report.html")]
+    plain_greyed = [grey_share_outside(t, inside) for t in gallery(tmp_path / "no" / "report.html")]
+    assert greyed and min(greyed) > 0.9 and max(plain_greyed) < 0.5
+    assert "region of interest" in (tmp_path / "roi" / "report.html").read_text()
+    assert "region of interest" not in (tmp_path / "no" / "report.html").read_text()
+
+
+def gallery(report: Path) -> list[np.ndarray]:
+    """The report's gallery images (RGB), decoded from their data URIs."""
+    page = report.read_text()
+    uris = re.findall(r"<figure><img src='data:image/png;base64,([^']+)'", page)
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB")) for u in uris]
+
+
+def grey_share_outside(tile: np.ndarray, roi: np.ndarray) -> float:
+    """The share of the pixels outside the ROI drawn grey (R = G = B, within 6)."""
+    pixels = tile[~resize_roi(roi, tile.shape[:2])].astype(int)
+    spread = pixels.max(axis=1) - pixels.min(axis=1)
+    return float(np.mean(spread <= 6))
 
 
 def test_another_mask_overrides_the_runs(roi_run: Path, synthetic_category, tmp_path) -> None:

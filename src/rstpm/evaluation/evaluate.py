@@ -122,7 +122,14 @@ def test_variants(
         }
         atomic_write_json(out_dir / "metrics.json", result)
         write_report(
-            out_dir / "report.html", result, samples, maps, masks, thresholds.get(variant), scores
+            out_dir / "report.html",
+            result,
+            samples,
+            maps,
+            masks,
+            thresholds.get(variant),
+            scores,
+            roi=view.roi,
         )
         results.append(result)
     return results

@@ -34,6 +34,7 @@ from PIL import Image
 
 from rstpm._version import __version__
 from rstpm.core.fusion import resize_map
+from rstpm.core.roi import resize_roi
 from rstpm.data.images import load_image
 from rstpm.data.layout import Sample
 from rstpm.inference.overlay import colorize, encode_png, region_contour, render_overlay
@@ -314,6 +315,14 @@ def _facts(result: dict, thresholds: Thresholds | None) -> str:
             f"{result['overall']['n_defective']} defective)",
         ),
     ]
+    roi = result.get("roi")
+    if roi:
+        items.append(
+            (
+                "region of interest",
+                f"{roi['area_fraction']:.1%} of the image ({roi['source']}); greyed outside",
+            )
+        )
     backend = result.get("backend")
     if backend is not None:
         items.append(("backend", f"{backend}, {result.get('precision', 'fp32')}"))
@@ -343,6 +352,7 @@ def _gallery_tile(
     vmin: float,
     vmax: float,
     longest: int,
+    roi: np.ndarray | None = None,
 ) -> str:
     image = load_rgb(sample.path)
     size = _gallery_size(image.shape[0], image.shape[1], longest)
@@ -351,11 +361,12 @@ def _gallery_tile(
             Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
         )
     small = resize_map(amap, size, antialias=True)
+    inside = None if roi is None else resize_roi(roi, size)
     if thresholds is not None:
         small = np.asarray(thresholds.pixel.normalise(small), dtype=np.float32)
-        tile = render_overlay(image, small, 0.0, 1.0, 0.5, contour_width=_CONTOUR_WIDTH)
+        tile = render_overlay(image, small, 0.0, 1.0, 0.5, contour_width=_CONTOUR_WIDTH, roi=inside)
     else:
-        tile = render_overlay(image, small, vmin, vmax, None)
+        tile = render_overlay(image, small, vmin, vmax, None, roi=inside)
     if mask is not None and np.any(mask):
         truth = resize_map(np.asarray(mask, dtype=np.float32), size, antialias=True) >= 0.5
         tile[region_contour(truth, _CONTOUR_WIDTH, outside=True)] = _GROUND_TRUTH_COLOUR
@@ -417,6 +428,7 @@ def render_report(
     thresholds: Thresholds | None,
     scores: Sequence[float],
     image_size_for_gallery: int = 256,
+    roi: np.ndarray | None = None,
 ) -> str:
     """The report's HTML (see :func:`write_report`)."""
     n = len(samples)
@@ -520,6 +532,7 @@ def render_report(
                         vmin,
                         vmax,
                         image_size_for_gallery,
+                        roi,
                     )
                 )
             parts.append("</div>")
@@ -539,6 +552,7 @@ def write_report(
     thresholds: Thresholds | None,
     scores: Sequence[float],
     image_size_for_gallery: int = 256,
+    roi: np.ndarray | None = None,
 ) -> None:
     """Write the self-contained HTML report of one evaluated variant, atomically.
 
@@ -556,6 +570,10 @@ def write_report(
             bilinearly, map included, before the contours are drawn: they stay 1 px thin).
         scores: each image's score (the max of its map at the network's size,
             rstpm.inference.maps).
+        roi: the region of interest the maps were restricted to (bool, any size), or None: the
+            gallery draws the outside greyed (render_overlay), the facts name its area.
     """
-    page = render_report(result, samples, maps, masks, thresholds, scores, image_size_for_gallery)
+    page = render_report(
+        result, samples, maps, masks, thresholds, scores, image_size_for_gallery, roi
+    )
     atomic_write_bytes(Path(path), page.encode("utf-8"))
