@@ -27,9 +27,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from rstpm.config import Config
 from rstpm.inference.detector import Detector
 from rstpm.serve import ServedRun, ServeSettings, create_app, load_runs, start_in_thread
-from rstpm.serve.admission import PixelBudget, default_pixel_budget
+from rstpm.serve.admission import (
+    PixelBudget,
+    bytes_per_pixel,
+    default_pixel_budget,
+    pixel_weight,
+)
 
 FIT = {"epochs": 1, "batch_size": 8, "image_size": 64, "disc_epochs": 1, "disc_batch_size": 8}
 PREDICT = "/v1/runs/tiny/predict"
@@ -211,6 +217,24 @@ def test_budget_leases_return_once_every_holder_let_go() -> None:
     with pytest.raises(ValueError, match="larger than the server's budget"):
         budget.reserve(11)
     assert default_pixel_budget(16 * GIB) == 178_956_970
+
+
+def test_a_tiled_runs_pixels_weigh_more_in_the_budget() -> None:
+    """Whole-image runs: 12 bytes a pixel; tiled: 24 + 32 per pixel cut (scale squared, x the
+    tiles' overlap factor); the budget charges pixels x weight and names the weight on a 413."""
+    assert bytes_per_pixel(Config()) == 12 and pixel_weight(Config()) == 1
+    full = Config(tile=256, tile_overlap=32, tile_scale=1.0)
+    half = Config(tile=256, tile_overlap=32, tile_scale=0.5)
+    assert bytes_per_pixel(full) == pytest.approx(24 + 32 * (256 / 224) ** 2)
+    assert bytes_per_pixel(half) == pytest.approx(24 + 8 * (256 / 224) ** 2)
+    assert bytes_per_pixel(Config(tile=64, tile_overlap=0)) == 56
+    budget = PixelBudget(1000)
+    lease = budget.reserve(100, pixel_weight(Config(tile=64, tile_overlap=0)))
+    assert lease.pixels == budget.used == 467  # ceil(100 x 56 / 12)
+    with pytest.raises(ValueError, match=r"x4\.67 for this tiled run"):
+        budget.reserve(300, pixel_weight(Config(tile=64, tile_overlap=0)))
+    lease.release()
+    assert budget.used == 0
 
 
 def test_a_header_that_is_not_an_image_is_422_before_any_budget(

@@ -266,3 +266,30 @@ def test_feedback_scores_a_tiled_runs_images_as_predict(
     detector = Detector.load(tiled_run)
     score = FeedbackScorer(tiled_run).scores(image)[detector.variant]
     assert score == pytest.approx(detector.predict(image).score, rel=1e-6)
+
+
+def test_serve_charges_a_tiled_runs_images_by_what_they_cost(tiled_run: Path, tmp_path) -> None:
+    """The tiled run (32-px tiles, no overlap) weighs 56 / 12 bytes a pixel: a 64 x 64 image
+    (4,096 pixels, 19,115 charged) is refused whole (413) under a budget of 10,000 that a
+    whole-image run's image fits, answered under 20,000, and the budget is free afterwards."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from rstpm.serve import ServeSettings, create_app, load_runs
+
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 90, 60)).save(image, format="PNG")
+    headers = {"content-type": "image/png"}
+    answers = {}
+    for budget in (10_000, 20_000):
+        app = create_app(load_runs([f"t={tiled_run}"]), ServeSettings(max_pixels_in_flight=budget))
+        with TestClient(app) as client:
+            answers[budget] = client.post(
+                "/v1/runs/t/predict", content=image.getvalue(), headers=headers
+            )
+            used = client.get("/metrics").text
+        assert "rstpm_pixels_in_flight 0.0" in used
+    assert answers[10_000].status_code == 413
+    assert "x4.67 for this tiled run: 19,115" in answers[10_000].json()["error"]
+    assert answers[20_000].status_code == 200

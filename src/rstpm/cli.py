@@ -567,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-pixels-in-flight",
         type=int,
-        help="decoded image pixels held at once; beyond, 503 Retry-After (default: 1/8 of this "
-        "machine's memory at 12 bytes per pixel)",
+        help="decoded image pixels held at once (a tiled run's count more); beyond, 503 "
+        "Retry-After (default: 1/8 of this machine's memory at 12 bytes per pixel)",
     )
     serve.add_argument(
         "--request-timeout", type=float, default=30.0, help="seconds before a request gets 504"

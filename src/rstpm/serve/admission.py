@@ -17,15 +17,46 @@ counted, so a stuck worker never lets decoded images pile up beyond the budget.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
+from rstpm.config import Config
 from rstpm.serve.batching import QueueFullError
 
 BYTES_PER_PIXEL = 12
 """What one pixel in flight costs at most, roughly: the decoded RGB image (3 bytes, 6 while
 the decoder copies it), its conversion to RGB when it is not (3), the anomaly map at the image's
 own size (float32, 4)."""
+
+TILED_OWN_BYTES_PER_PIXEL = 24
+"""What a tiled run costs per pixel of the image at its own size: as a whole-image run, plus
+the image as float32 (cut at its own resolution or scaled from it)."""
+
+TILED_BYTES_PER_CUT_PIXEL = 32
+"""What a tiled run costs on top per pixel of its tiles (the image scaled by ``--tile-scale``,
+the overlaps counted twice): the tiles, their maps, the stitching's running sums and weights,
+the stitched map. Measured by benchmarks/prediction_memory.py (docs/serve.md, "Memory")."""
+
+
+def bytes_per_pixel(config: Config) -> float:
+    """What one pixel of an image costs a run at most: :data:`BYTES_PER_PIXEL` for a run that
+    scores whole images (resized to the network's size: the network's batch is a fixed cost,
+    bounded by ``--max-batch-size``); for a tiled run :data:`TILED_OWN_BYTES_PER_PIXEL` plus
+    :data:`TILED_BYTES_PER_CUT_PIXEL` x scale squared x the tiles' overlap factor (its batch of
+    tiles is a fixed cost too)."""
+    tiling = config.tiling
+    if tiling is None:
+        return float(BYTES_PER_PIXEL)
+    overlap = (tiling.tile / (tiling.tile - tiling.overlap)) ** 2
+    return TILED_OWN_BYTES_PER_PIXEL + TILED_BYTES_PER_CUT_PIXEL * tiling.scale**2 * overlap
+
+
+def pixel_weight(config: Config) -> float:
+    """How many decoded pixels of the budget (at :data:`BYTES_PER_PIXEL`) one pixel of an image
+    counts for with this run: 1 for whole-image runs, more for tiled ones."""
+    return bytes_per_pixel(config) / BYTES_PER_PIXEL
+
 
 MEMORY_SHARE = 8
 """The default budget lets decoded images and their maps use 1/MEMORY_SHARE of the memory."""
@@ -100,26 +131,28 @@ class PixelBudget:
         """Pixels reserved now."""
         return self._used
 
-    def reserve(self, pixels: int) -> Lease:
-        """A lease on ``pixels``.
+    def reserve(self, pixels: int, weight: float = 1.0) -> Lease:
+        """A lease on ``pixels`` x ``weight`` (:func:`pixel_weight` of the image's run).
 
         Raises:
             ImageOverBudgetError: more pixels than the whole budget.
             OverBudgetError: not that many pixels free now.
         """
-        if pixels > self.limit:
+        charged = math.ceil(pixels * weight)
+        if charged > self.limit:
+            cost = "" if weight == 1.0 else f" (x{weight:.2f} for this tiled run: {charged:,})"
             raise ImageOverBudgetError(
-                f"image of {pixels:,} pixels is larger than the server's budget of "
+                f"image of {pixels:,} pixels{cost} is larger than the server's budget of "
                 f"{self.limit:,} decoded pixels in flight (--max-pixels-in-flight); downscale it"
             )
         with self._lock:
-            if self._used + pixels > self.limit:
+            if self._used + charged > self.limit:
                 raise OverBudgetError(
                     "the server's budget of decoded pixels in flight is in use"
                     " (--max-pixels-in-flight)"
                 )
-            self._used += pixels
-        return Lease(self, pixels)
+            self._used += charged
+        return Lease(self, charged)
 
     def _give_back(self, pixels: int) -> None:
         with self._lock:

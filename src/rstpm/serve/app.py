@@ -47,6 +47,7 @@ from rstpm.serve.admission import (
     PixelBudget,
     Slots,
     default_pixel_budget,
+    pixel_weight,
 )
 from rstpm.serve.batching import MicroBatcher, QueueFullError, ShuttingDownError
 from rstpm.serve.drift import DEFAULT_MIN_IMAGES, DEFAULT_WINDOW, DriftMonitor
@@ -310,10 +311,11 @@ def _consume(task: asyncio.Future) -> None:
         task.exception()
 
 
-def _reserve(state: _State, pixels: int) -> Lease:
-    """The image's pixels reserved against the budget (503 busy, 413 never admissible)."""
+def _reserve(state: _State, name: str, pixels: int) -> Lease:
+    """The image's pixels reserved against the budget, weighed by what they cost run ``name``
+    (pixel_weight: tiled runs more), 503 busy, 413 never admissible."""
     try:
-        return state.budget.reserve(pixels)
+        return state.budget.reserve(pixels, pixel_weight(state.runs[name].detector.config))
     except OverBudgetError:
         state.metrics.refusals.labels("pixel_budget").inc()
         raise
@@ -334,7 +336,7 @@ async def _predict_one(
     with ``feedback`` (an operator's verdict) the image is logged instead of answered."""
     body, filename = await _body_of(request, state.settings.max_body_bytes)
     digest = image_digest(body) if feedback is not None else ""
-    lease = _reserve(state, header_pixels(body))
+    lease = _reserve(state, name, header_pixels(body))
     try:
         image = await _holding(lease, decode_image, body)
         del body
