@@ -284,3 +284,39 @@ def test_own_error_fails_at_once_and_overwrite_starts_the_run_again(
         ("students", 2),
         ("discriminative", 1),
     ]
+
+
+def test_the_driver_stores_the_roi_before_the_workers_and_continues_only_with_the_same(
+    synthetic_category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fit --ray --workers N --roi``: the driver writes RUN/roi.png and the ROI's source into
+    the checkpoint meta (the workers calibrate inside RUN/roi.png like a local fit); an
+    unfinished fit continues only with the same ROI choice."""
+    import numpy as np
+    from PIL import Image
+
+    from rstpm.cluster.ddp import _start
+    from rstpm.runs.checkpoint import CHECKPOINT_FILE
+    from rstpm.runs.roi_file import ROI_FILE, read_roi
+
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[4:28, 4:28] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    config = Config(image_size=64, epochs=1, batch_size=8, disc_epochs=0)
+    run = tmp_path / "run"
+    meta = _start(config, synthetic_category, run, False, lambda _: None, tmp_path / "mask.png")
+    assert meta["roi"] == str((tmp_path / "mask.png").resolve())
+    assert np.array_equal(read_roi(run / ROI_FILE), mask > 127)
+    import rstpm.cluster.ddp as ddp
+
+    (run / CHECKPOINT_FILE).write_bytes(b"")  # an unfinished fit's checkpoint is there
+    stored = {**meta, "stage": "students", "epoch": 1}
+    monkeypatch.setattr(ddp, "load_checkpoint", lambda _: (stored, None))
+    lines: list[str] = []
+    again = _start(config, synthetic_category, run, False, lines.append, tmp_path / "mask.png")
+    assert again == meta and lines[0].startswith("continuing")  # the same ROI: continues
+    assert (run / CHECKPOINT_FILE).exists()
+    lines.clear()
+    _start(config, synthetic_category, run, False, lines.append, "auto")
+    assert not lines and not (run / CHECKPOINT_FILE).exists()  # another ROI: afresh
+    assert read_roi(run / ROI_FILE).shape == (64, 64)  # the estimated one, at the input size

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -40,7 +41,9 @@ from rstpm.data.synthetic import make_synthetic_category  # noqa: E402
 from rstpm.evaluation.bench import bench  # noqa: E402
 from rstpm.evaluation.evaluate import test as evaluate_test  # noqa: E402
 from rstpm.runs.checkpoint import CHECKPOINT_FILE  # noqa: E402
+from rstpm.runs.roi_file import ROI_FILE, read_roi  # noqa: E402
 from rstpm.runs.run_dir import is_run, load_run  # noqa: E402
+from rstpm.training.fit import fit_roi, training_split  # noqa: E402
 
 SMALL = {"n_train": 20, "n_test_good": 4, "n_test_per_type": 4, "size": 64}
 CONFIG = Config(preset="lite", image_size=64, epochs=1, batch_size=8, disc_epochs=0)
@@ -182,6 +185,25 @@ class TestLocalRay:
         assert fitted != old and run_fingerprint(runs / "alpha") == fitted
 
     @pytest.mark.slow
+    def test_fit_ray_with_roi_auto_stores_each_categorys_own_and_a_bad_mask_is_one_line(
+        self, local_ray, categories: dict[str, Path], tmp_path: Path, capsys
+    ) -> None:
+        runs = tmp_path / "runs"
+        data = [str(categories["alpha"]), str(categories["beta"])]
+        args = ["fit", "--data", *data, "--out", str(runs), "--ray", "local", *FLAGS, "--quiet"]
+        assert main([*args, "--roi", "auto"]) == 0
+        for name in ("alpha", "beta"):
+            assert json.loads((runs / name / "run.json").read_text())["roi"]["source"] == "auto"
+            train = training_split(CONFIG, categories[name]).train
+            expected = fit_roi("auto", train, CONFIG.image_size)  # the category's own
+            assert np.array_equal(read_roi(runs / name / ROI_FILE), expected)
+        capsys.readouterr()
+        bad = ["fit", "--data", data[0], "--out", str(tmp_path / "bad"), "--ray", "local"]
+        assert main([*bad, *FLAGS, "--quiet", "--roi", str(tmp_path / "missing.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "missing.png" in err
+        assert not (tmp_path / "bad").exists()  # refused before the runs folder is made
+
     def test_bench_on_ray_writes_the_tables_a_local_bench_reuses(
         self, local_ray, categories: dict[str, Path], tmp_path: Path
     ) -> None:

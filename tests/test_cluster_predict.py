@@ -458,3 +458,27 @@ def test_actor_pool_is_sized_from_the_free_cpus() -> None:
         choose_actors(fake_ray([4, 4], 8), 5, 2, 100)
     with pytest.raises(ClusterError, match="no node has that many CPUs"):
         choose_actors(fake_ray([4, 4], 8), 1, 6, 100)
+
+
+def test_a_roi_mask_given_to_predict_ray_scores_as_predict_with_it(
+    cluster, run: Path, paths: list[Path], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``--roi MASK`` (relative to the driver's folder) reaches every actor: the records equal
+    predict's with the same mask; a mask that cannot be read is one line before any actor."""
+    from PIL import Image
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 8:56] = 255
+    Image.fromarray(mask).save(tmp_path / "roi.png")
+    monkeypatch.chdir(tmp_path)
+    args = ["predict", "--run", str(run), *map(str, paths), "--ray", "--quiet"]
+    assert cli([*args, "--out", "r.jsonl", "--roi", "roi.png"]) == 0
+    expected = list(predict_paths(Detector.load(run, roi="roi.png"), paths, None, BATCH))
+    plain = list(predict_paths(Detector.load(run), paths, None, BATCH))
+    assert_same(read_jsonl(tmp_path / "r.jsonl"), expected)
+    assert any(e["score"] != p["score"] for e, p in zip(expected, plain, strict=True))
+    capsys.readouterr()
+    assert cli([*args, "--out", "bad.jsonl", "--roi", "missing.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing.png" in err
+    assert not (tmp_path / "bad.jsonl").exists()

@@ -700,8 +700,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from rstpm.training.fit import fit
 
     if args.ray is not None:
-        if args.roi is not None:
-            raise ValueError("--roi with --ray is not supported yet: fit without --ray")
         return _fit_on_ray(args)
     if args.data is not None and len(args.data) > 1:
         raise ValueError("several --data need --ray (one run per category on a Ray cluster)")
@@ -777,6 +775,7 @@ def _fit_on_ray(args: argparse.Namespace) -> int:
             max_failures=args.max_retries,
             overwrite=args.overwrite,
             log=_log_for(args),
+            roi=args.roi,
         )
         print(json.dumps(info, indent=2) if args.json else f"run written to {args.out}")
         return 0
@@ -791,6 +790,7 @@ def _fit_on_ray(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         overwrite=args.overwrite,
         log=_log_for(args),
+        roi=args.roi,
     )
     print(json.dumps(rows, indent=2) if args.json else format_summary(rows))
     return 1 if any(row["status"] == "failed" for row in rows) else 0
@@ -830,10 +830,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _check_graph_option(args)
     if args.ray is not None:
-        if args.roi is not None:
-            raise ValueError(
-                "--roi with --ray is not supported yet: the actors use the run's own RUN/roi.png"
-            )
         return _predict_on_ray(args)
     if args.out is not None:
         raise ValueError("--out RESULTS is for predict --ray; without it records go to stdout")
@@ -891,6 +887,7 @@ def _predict_on_ray(args: argparse.Namespace) -> int:
         address=_ray_address(args),
         progress=not args.quiet,
         max_retries=args.max_retries,
+        roi=args.roi,
     )
     if not args.quiet:
         print(

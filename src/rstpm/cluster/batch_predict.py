@@ -134,12 +134,13 @@ class _Scorer:
         cwd: str,
         crash_marker: str | None = None,
         crash_on: str | None = None,
+        roi: str | None = None,
     ) -> None:
         import torch
 
         enter_driver_folder(cwd)
         torch.set_num_threads(max(1, threads))
-        self.detector = Detector.load(run, variant, backend, precision, onnx_path)
+        self.detector = Detector.load(run, variant, backend, precision, onnx_path, roi=roi)
         self.batch_size = batch_size
         self.crash_marker = crash_marker
         self.crash_on = crash_on
@@ -214,11 +215,16 @@ def _validate(batch_size: int, cpus_per_actor: int, actors: int | None, retries:
 
 
 def _check_run(
-    run: Path, variant: str | None, backend: str, precision: str | None, onnx: Path | None
+    run: Path,
+    variant: str | None,
+    backend: str,
+    precision: str | None,
+    onnx: Path | None,
+    roi: str | Path | None = None,
 ) -> None:
-    """Open the run once on the driver: a broken run, variant or graph is a one-line error
-    before any actor starts (and a run without thresholds a warning)."""
-    detector = Detector.load(run, variant, backend, precision, onnx)
+    """Open the run once on the driver: a broken run, variant, graph or ROI mask is a one-line
+    error before any actor starts (and a run without thresholds a warning)."""
+    detector = Detector.load(run, variant, backend, precision, onnx, roi=roi)
     if detector.thresholds is None:
         print(
             f"rstpm predict: warning: {run} has no thresholds (no verdicts); "
@@ -495,8 +501,12 @@ def predict_on_ray(
     progress: bool,
     max_retries: int = DEFAULT_MAX_RETRIES,
     crash_marker: Path | None = None,
+    roi: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score ``paths`` on a Ray cluster and write one record per image to ``out``.
+
+    ``roi``: None (the run's region of interest, if any), ``"none"`` or a mask file, read by
+    every actor like the images (relative to the driver's folder, on storage the nodes share).
 
     A batch is tried at most ``max_retries + 1`` times; one that kills its actor every time
     becomes error records for its images (counted in ``failed``) and the others go on.
@@ -513,7 +523,7 @@ def predict_on_ray(
     paths = [Path(p) for p in paths]
     if not paths:
         raise DataError("no input images given")
-    _check_run(run, variant, backend, precision, onnx_path)
+    _check_run(run, variant, backend, precision, onnx_path, roi)
     rows = _rows(paths, save_dir)
     n_batches = math.ceil(len(paths) / batch_size)
     start = time.perf_counter()
@@ -530,6 +540,7 @@ def predict_on_ray(
             "cwd": os.getcwd(),
             "crash_marker": None if crash_marker is None else str(crash_marker),
             "crash_on": os.environ.get(CRASH_ENV) or None,
+            "roi": None if roi is None else str(roi),
         }
         ds = _dataset(
             ray, rows, n_batches, n_actors, constructor, cpus_per_actor, batch_size, max_retries

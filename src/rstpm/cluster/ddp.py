@@ -94,7 +94,7 @@ from rstpm.runs.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from rstpm.runs.files import RunError, read_json
 from rstpm.runs.run_dir import LOG_FILE, RUN_FILE, is_run, read_config
 from rstpm.runs.teachers import WeightsError, build_model
-from rstpm.training.fit import prepare_run, train_run, training_split, trim_log
+from rstpm.training.fit import prepare_run, roi_source, train_run, training_split, trim_log
 from rstpm.training.loop import Resume, TrainingError, seed_everything
 from rstpm.training.parallel import DataParallel, StudentModules
 from rstpm.training.students import StudentStage
@@ -150,10 +150,13 @@ def fit_data_parallel(
     overwrite: bool,
     log: Callable[[str], None],
     on_epoch_end: Callable[[str, int], None] | None = None,
+    roi: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one run on ``workers`` Ray Train workers (torch DDP) and write it to ``run_dir``
-    like ``training.fit.fit``; returns its run.json info. Without ``overwrite`` a complete run
-    is refused and an unfinished fit of the same config and data continues its checkpoint;
+    like ``training.fit.fit`` (``roi``: a mask file or ``"auto"``, stored in the run by the
+    driver before the workers start); returns its run.json info. Without ``overwrite`` a
+    complete run is refused and an unfinished fit of the same config, data and ROI continues
+    its checkpoint;
     with it the fit starts afresh. ``on_epoch_end(stage, epoch)`` runs on every worker after
     each epoch's report (tests inject failures there). rstpm's own error on a worker is raised
     here as it is (OWN_ERRORS, not retried); other failures, once ``max_failures`` restarts
@@ -162,7 +165,7 @@ def fit_data_parallel(
     check_parallel(config, data_root, workers, cpus_per_worker)
     if is_run(run_dir) and not overwrite:
         raise RunError(f"{run_dir} already holds a run; choose another --out or pass --overwrite")
-    meta = _start(config, data_root, run_dir, overwrite, log)
+    meta = _start(config, data_root, run_dir, overwrite, log, roi)
     storage = run_dir / STORAGE_DIR
     shutil.rmtree(storage, ignore_errors=True)  # Train v2 would restore an older run of it
     loop = {
@@ -188,21 +191,27 @@ def fit_data_parallel(
 
 
 def _start(
-    config: Config, data_root: Path, run_dir: Path, overwrite: bool, log: Callable[[str], None]
+    config: Config,
+    data_root: Path,
+    run_dir: Path,
+    overwrite: bool,
+    log: Callable[[str], None],
+    roi: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The run's checkpoint meta: an unfinished fit of the same config and data continues
+    """The run's checkpoint meta: an unfinished fit of the same config, data and ROI continues
     (its checkpoint stays for the workers to load) unless ``overwrite``; anything else starts
-    afresh (training.fit.prepare_run: no checkpoint, an empty log, no complete run)."""
+    afresh (training.fit.prepare_run: no checkpoint, an empty log, no complete run, the ROI)."""
     if not overwrite and not is_run(run_dir) and (run_dir / CHECKPOINT_FILE).is_file():
         try:
             meta, _ = load_checkpoint(run_dir)
             same = read_config(run_dir).to_dict() == config.to_dict()
         except (RunError, ValueError, KeyError):
             same = False
-        if same and meta.get("data") == str(data_root.resolve()):
+        same_roi = meta.get("roi") == (None if roi is None else roi_source(roi))
+        if same and same_roi and meta.get("data") == str(data_root.resolve()):
             log(f"continuing {run_dir} from its checkpoint ({meta['stage']} {meta['epoch']})")
-            return {k: meta[k] for k in ("data", "students_from")}
-    return prepare_run(config, data_root, run_dir)
+            return {k: meta.get(k) for k in ("data", "students_from", "roi")}
+    return prepare_run(config, data_root, run_dir, roi=roi)
 
 
 def _check_cpus(ray: Any, workers: int, cpus_per_worker: int) -> None:

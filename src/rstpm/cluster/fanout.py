@@ -65,6 +65,7 @@ from rstpm.data.images import DataError
 from rstpm.evaluation.bench import Cell, bench_cell, plan_cells, run_path, write_results
 from rstpm.runs.checkpoint import CHECKPOINT_FILE, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_json, read_json
+from rstpm.runs.roi_file import read_roi
 from rstpm.runs.run_dir import MANIFEST_FILE, RUN_FILE, is_run, read_config
 from rstpm.runs.teachers import WeightsError
 from rstpm.training.loop import TrainingError
@@ -205,9 +206,27 @@ def run_fingerprint(run: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _train(category: Category, config: Config, overwrite: bool, found: str | None, say: Log) -> str:
-    """Resume, keep or fit the category's run; returns its status. ``found``: the fingerprint
-    of the complete run the driver saw before the tasks started (None: none)."""
+def _checked_roi(roi: str | Path | None) -> str | None:
+    """``roi`` as the tasks get it: None, ``"auto"`` or the absolute path of a mask that reads
+    (RoiError in one line otherwise)."""
+    from rstpm.training.fit import AUTO_ROI, roi_source
+
+    if roi is not None and str(roi) != AUTO_ROI:
+        read_roi(Path(roi))
+    return None if roi is None else roi_source(roi)
+
+
+def _train(
+    category: Category,
+    config: Config,
+    overwrite: bool,
+    found: str | None,
+    say: Log,
+    roi: str | None = None,
+) -> str:
+    """Resume, keep or fit the category's run (``roi``: ``"auto"`` or a mask's absolute path);
+    returns its status. ``found``: the fingerprint of the complete run the driver saw before
+    the tasks started (None: none)."""
     from rstpm.training.fit import fit, resume
 
     run = category.run
@@ -223,7 +242,7 @@ def _train(category: Category, config: Config, overwrite: bool, found: str | Non
         say(f"{run} holds a complete run: kept (--overwrite trains it again)")
         return "exists"
     say(f"training {run} on node {_node_id()}")
-    fit(config, category.data, run, progress=False, log=say)
+    fit(config, category.data, run, progress=False, log=say, roi=roi)
     return "done"
 
 
@@ -273,6 +292,7 @@ def fit_task(
     num_cpus: int,
     token: Path,
     log: Log,
+    roi: str | None = None,
 ) -> dict[str, Any]:
     """The Ray task of one category: train (or resume, or keep) its run, then test it; returns
     its summary row. rstpm's errors become a ``failed`` row, not an exception. ``found``: the
@@ -285,7 +305,7 @@ def fit_task(
     row = empty_row(category)
     try:
         _check_reach(token)
-        row["status"] = _train(category, config, overwrite, found, say)
+        row["status"] = _train(category, config, overwrite, found, say, roi)
         row.update(_run_facts(category.run))
     except EXPECTED_ERRORS as error:
         row.update(status="failed", error=one_line(error))
@@ -375,10 +395,14 @@ def fit_categories(
     max_retries: int,
     overwrite: bool,
     log: Log,
+    roi: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train one run per category as Ray tasks (RUNS_DIR/<category>); returns the summary rows
-    in the order of ``data_roots`` (also written to RUNS_DIR/summary.json)."""
+    in the order of ``data_roots`` (also written to RUNS_DIR/summary.json). ``roi``: ``"auto"``
+    (each category's own, estimated from its normal images) or one mask file for every
+    category, read here first (a bad mask is one error before any task)."""
     _check_sizes(num_cpus, max_retries)
+    roi = _checked_roi(roi)
     categories = plan_categories(data_roots, runs_dir)
     runs_dir = prepare_runs_dir(runs_dir)
     if overwrite:  # start afresh: only a retry of this job may resume
@@ -393,7 +417,7 @@ def fit_categories(
         sizes = (num_cpus, max_retries)
         refs = {}
         for c in categories:
-            args = (c, config, overwrite, found[c.name], num_cpus, token, log)
+            args = (c, config, overwrite, found[c.name], num_cpus, token, log, roi)
             refs[_submit(ray, fit_task, f"rstpm fit {c.name}", sizes, *args)] = c.name
         by_name = {c.name: c for c in categories}
         for name, outcome in _outcomes(ray, refs, max_retries):
