@@ -151,7 +151,7 @@ class GrayDetector:
 
     def __init__(self, thresholds: Thresholds | None) -> None:
         self.thresholds = thresholds
-        self.config = SimpleNamespace(image_size=16)
+        self.config = SimpleNamespace(image_size=16, tiling=None)
 
     def predict_many(self, images: list, batch_size: int = 16, **_: Any) -> Iterator[Prediction]:
         for image in images:
