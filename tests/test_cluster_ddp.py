@@ -309,10 +309,14 @@ def test_the_driver_stores_the_roi_before_the_workers_and_continues_only_with_th
     assert np.array_equal(read_roi(run / ROI_FILE), mask > 127)
     import rstpm.cluster.ddp as ddp
 
+    (run / CHECKPOINT_FILE).write_bytes(b"")  # unreadable: the fit starts afresh
+    lines: list[str] = []
+    assert _start(config, synthetic_category, run, False, lines.append, "auto")["roi"] == "auto"
+    assert not lines and not (run / CHECKPOINT_FILE).exists()
+    _start(config, synthetic_category, run, False, lines.append, tmp_path / "mask.png")
     (run / CHECKPOINT_FILE).write_bytes(b"")  # an unfinished fit's checkpoint is there
     stored = {**meta, "stage": "students", "epoch": 1}
     monkeypatch.setattr(ddp, "load_checkpoint", lambda _: (stored, None))
-    lines: list[str] = []
     again = _start(config, synthetic_category, run, False, lines.append, tmp_path / "mask.png")
     assert again == meta and lines[0].startswith("continuing")  # the same ROI: continues
     assert (run / CHECKPOINT_FILE).exists()

@@ -205,10 +205,10 @@ def _start(
         try:
             meta, _ = load_checkpoint(run_dir)
             same = read_config(run_dir).to_dict() == config.to_dict()
+            same = same and meta.get("roi") == (None if roi is None else roi_source(roi))
         except (RunError, ValueError, KeyError):
             same = False
-        same_roi = meta.get("roi") == (None if roi is None else roi_source(roi))
-        if same and same_roi and meta.get("data") == str(data_root.resolve()):
+        if same and meta.get("data") == str(data_root.resolve()):
             log(f"continuing {run_dir} from its checkpoint ({meta['stage']} {meta['epoch']})")
             return {k: meta.get(k) for k in ("data", "students_from", "roi")}
     return prepare_run(config, data_root, run_dir, roi=roi)

@@ -208,7 +208,7 @@ def run_fingerprint(run: Path) -> str | None:
 
 def _checked_roi(roi: str | Path | None) -> str | None:
     """``roi`` as the tasks get it: None, ``"auto"`` or the absolute path of a mask that reads
-    (RoiError in one line otherwise)."""
+    (a one-line DataError otherwise)."""
     from rstpm.training.fit import AUTO_ROI, roi_source
 
     if roi is not None and str(roi) != AUTO_ROI:
