@@ -41,6 +41,7 @@ from rstpm.data.synthetic import make_synthetic_category  # noqa: E402
 from rstpm.evaluation.bench import bench  # noqa: E402
 from rstpm.evaluation.evaluate import test as evaluate_test  # noqa: E402
 from rstpm.runs.checkpoint import CHECKPOINT_FILE  # noqa: E402
+from rstpm.runs.files import RunError  # noqa: E402
 from rstpm.runs.roi_file import ROI_FILE, read_roi  # noqa: E402
 from rstpm.runs.run_dir import is_run, load_run  # noqa: E402
 from rstpm.training.fit import fit_roi, training_split  # noqa: E402
@@ -355,3 +356,21 @@ def test_a_removed_node_s_task_is_retried_and_resumes_from_its_checkpoint(
         assert evaluate_test(runs / name, categories[name], progress=False)["n_images"] == 12
         args = ["test", "--run", str(runs / name), "--data", str(categories[name]), "--quiet"]
         assert main(args) == 0
+
+
+def test_an_unfinished_fit_continues_only_with_its_settings_and_roi(
+    categories: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry or a new ``fit --ray`` on an unfinished run resumes it only with the settings
+    and the ROI it started with; otherwise one line that names what changed."""
+    import rstpm.cluster.fanout as fanout
+    from rstpm.training.fit import prepare_run
+
+    run = tmp_path / "alpha"
+    meta = prepare_run(CONFIG, categories["alpha"], run, roi="auto")
+    monkeypatch.setattr(fanout, "load_checkpoint", lambda _: (meta, {}))
+    fanout._same_settings(run, CONFIG, "auto")  # the same: continues
+    with pytest.raises(RunError, match=r"other settings \(roi\)"):
+        fanout._same_settings(run, CONFIG, None)
+    with pytest.raises(RunError, match=r"other settings \(epochs, roi\)"):
+        fanout._same_settings(run, Config(**{**CONFIG.to_dict(), "epochs": 2}), None)

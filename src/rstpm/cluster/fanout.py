@@ -63,7 +63,7 @@ from rstpm.cluster.connect import ClusterError, enter_driver_folder, ray_session
 from rstpm.config import Config
 from rstpm.data.images import DataError
 from rstpm.evaluation.bench import Cell, bench_cell, plan_cells, run_path, write_results
-from rstpm.runs.checkpoint import CHECKPOINT_FILE, remove_checkpoint
+from rstpm.runs.checkpoint import CHECKPOINT_FILE, load_checkpoint, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_json, read_json
 from rstpm.runs.roi_file import read_roi
 from rstpm.runs.run_dir import MANIFEST_FILE, RUN_FILE, is_run, read_config
@@ -182,11 +182,14 @@ def _prefixed(log: Log, name: str) -> Log:
     return lambda line: log(f"[{name}] {line}")
 
 
-def _same_settings(run: Path, config: Config) -> None:
-    """A RunError when the unfinished fit in ``run`` was started with other settings."""
+def _same_settings(run: Path, config: Config, roi: str | None = None) -> None:
+    """A RunError when the unfinished fit in ``run`` was started with other settings or
+    another ROI (``roi`` as :func:`_checked_roi` gives it)."""
     stored = json.loads(json.dumps(read_config(run).to_dict()))
     wanted = json.loads(json.dumps(config.to_dict()))
     changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
+    if load_checkpoint(run)[0].get("roi") != roi:
+        changed.append("roi")
     if changed:
         raise RunError(
             f"{run} holds an unfinished fit with other settings ({', '.join(changed)}); rerun "
@@ -231,7 +234,7 @@ def _train(
 
     run = category.run
     if (run / CHECKPOINT_FILE).is_file():
-        _same_settings(run, config)
+        _same_settings(run, config, roi)
         say(f"continuing {run} from its checkpoint on node {_node_id()}")
         resume(run, progress=False, log=say)
         return "resumed"
