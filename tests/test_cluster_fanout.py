@@ -368,7 +368,7 @@ def test_an_unfinished_fit_continues_only_with_its_settings_and_roi(
 
     run = tmp_path / "alpha"
     meta = prepare_run(CONFIG, categories["alpha"], run, roi="auto")
-    monkeypatch.setattr(fanout, "load_checkpoint", lambda _: (meta, {}))
+    monkeypatch.setattr(fanout, "checkpoint_meta", lambda _: meta)
     fanout._same_settings(run, CONFIG, "auto")  # the same: continues
     with pytest.raises(RunError, match=r"other settings \(roi\)"):
         fanout._same_settings(run, CONFIG, None)

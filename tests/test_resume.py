@@ -11,7 +11,7 @@ import torch
 
 from rstpm.cli import main
 from rstpm.config import Config
-from rstpm.runs.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from rstpm.runs.checkpoint import CHECKPOINT_FILE, checkpoint_meta, load_checkpoint
 from rstpm.runs.files import RunError
 from rstpm.runs.run_dir import load_weights
 from rstpm.training.fit import fit, resume
@@ -121,9 +121,13 @@ def test_a_damaged_checkpoint_is_a_clear_error(synthetic_category: Path, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         fit(config, synthetic_category, run, progress=False, on_epoch_end=Interrupt("students", 1))
     data = (run / CHECKPOINT_FILE).read_bytes()
+    assert checkpoint_meta(run) == load_checkpoint(run)[0]  # the header alone gives the meta
     (run / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(RunError, match="damaged"):
         resume(run, progress=False)
+    (run / CHECKPOINT_FILE).write_bytes(data[:40])  # the header cut short
+    with pytest.raises(RunError, match="damaged"):
+        checkpoint_meta(run)
 
 
 def test_nan_loss_stops_with_epoch_and_hint_and_keeps_the_last_good_checkpoint(

@@ -63,7 +63,7 @@ from rstpm.cluster.connect import ClusterError, enter_driver_folder, ray_session
 from rstpm.config import Config
 from rstpm.data.images import DataError
 from rstpm.evaluation.bench import Cell, bench_cell, plan_cells, run_path, write_results
-from rstpm.runs.checkpoint import CHECKPOINT_FILE, load_checkpoint, remove_checkpoint
+from rstpm.runs.checkpoint import CHECKPOINT_FILE, checkpoint_meta, remove_checkpoint
 from rstpm.runs.files import RunError, atomic_write_json, read_json
 from rstpm.runs.roi_file import read_roi
 from rstpm.runs.run_dir import MANIFEST_FILE, RUN_FILE, is_run, read_config
@@ -188,7 +188,7 @@ def _same_settings(run: Path, config: Config, roi: str | None = None) -> None:
     stored = json.loads(json.dumps(read_config(run).to_dict()))
     wanted = json.loads(json.dumps(config.to_dict()))
     changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
-    if load_checkpoint(run)[0].get("roi") != roi:
+    if checkpoint_meta(run).get("roi") != roi:
         changed.append("roi")
     if changed:
         raise RunError(

@@ -88,31 +88,55 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """(meta, tensor groups) of a run's checkpoint; restores nothing by itself.
-
-    Raises:
-        RunError: no checkpoint, or a damaged / foreign one.
-    """
+def _checkpoint_path(run_dir: Path) -> Path:
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise RunError(
             f"{run_dir} has no {CHECKPOINT_FILE} (no epoch finished, or the run is complete); "
             "start it again with `rstpm fit --data ... --out ...`"
         )
-    data = path.read_bytes()
+    return path
+
+
+def _meta(path: Path, header: bytes) -> dict[str, Any]:
+    """The meta in a checkpoint's safetensors header (its JSON after the 8-byte length)."""
     try:
-        tensors = safetensors_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-        meta = json.loads(header["__metadata__"]["meta"])
-    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        meta = json.loads(json.loads(header)["__metadata__"]["meta"])
+    except (ValueError, KeyError, TypeError) as error:
         raise RunError(f"{path} is damaged ({error}); delete it and start the fit again") from error
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise RunError(
             f"{path} has checkpoint format {meta.get('format')}, this rstpm reads "
             f"{CHECKPOINT_FORMAT}; finish it with the rstpm version that wrote it"
         )
+    return meta
+
+
+def checkpoint_meta(run_dir: Path) -> dict[str, Any]:
+    """The meta of a run's checkpoint, read from its header alone (no tensor is read).
+
+    Raises:
+        RunError: no checkpoint, or a damaged / foreign header.
+    """
+    path = _checkpoint_path(run_dir)
+    with path.open("rb") as file:
+        header_len = int.from_bytes(file.read(8), "little")
+        return _meta(path, file.read(header_len))
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """(meta, tensor groups) of a run's checkpoint; restores nothing by itself.
+
+    Raises:
+        RunError: no checkpoint, or a damaged / foreign one.
+    """
+    path = _checkpoint_path(run_dir)
+    data = path.read_bytes()
+    try:
+        tensors = safetensors_load(data)
+    except SafetensorError as error:
+        raise RunError(f"{path} is damaged ({error}); delete it and start the fit again") from error
+    meta = _meta(path, data[8 : 8 + int.from_bytes(data[:8], "little")])
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         group, name = key.split("/", 1)
